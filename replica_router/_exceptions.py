@@ -1,0 +1,82 @@
+"""Exceptions raised by replica-router.
+
+The tree::
+
+    ReplicaRouterError
+    ├── ConfigurationError (also ValueError)
+    ├── NoHealthyNodeError
+    │   ├── NoHealthyReplicaError     a reader found no fit node (HTTP 503)
+    │   └── PrimaryUnavailableError   the writer could not reach the primary
+    ├── RetryExhaustedError           bounded retries ran out; keeps the last error
+    ├── ConsistencyTimeoutError       no node caught up with a read-your-writes position
+    └── CommitOutcomeUnknownError     the connection was lost during COMMIT
+
+Messages never contain a password: nodes are named, URLs are rendered masked.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommitOutcomeUnknownError",
+    "ConfigurationError",
+    "ConsistencyTimeoutError",
+    "NoHealthyNodeError",
+    "NoHealthyReplicaError",
+    "PrimaryUnavailableError",
+    "ReplicaRouterError",
+    "RetryExhaustedError",
+]
+
+
+class ReplicaRouterError(Exception):
+    """Root of every error replica-router raises."""
+
+
+class ConfigurationError(ReplicaRouterError, ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class NoHealthyNodeError(ReplicaRouterError):
+    """No node could serve the session that was asked for.
+
+    Attributes:
+        retry_after: seconds after which a retry may succeed (the health interval).
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NoHealthyReplicaError(NoHealthyNodeError):
+    """A reader found no fit replica, and the primary was not allowed or is at its cap."""
+
+
+class PrimaryUnavailableError(NoHealthyNodeError):
+    """The writer could not get a working connection to the primary."""
+
+
+class RetryExhaustedError(ReplicaRouterError):
+    """Bounded retries ran out.
+
+    Attributes:
+        last_exception: the error of the last attempt (also the ``__cause__``).
+        attempts: how many attempts were made.
+    """
+
+    def __init__(self, message: str, *, last_exception: BaseException, attempts: int) -> None:
+        super().__init__(message)
+        self.last_exception = last_exception
+        self.attempts = attempts
+
+
+class ConsistencyTimeoutError(ReplicaRouterError):
+    """No node had replayed the required WAL position within the wait bound."""
+
+
+class CommitOutcomeUnknownError(ReplicaRouterError):
+    """The connection was lost while COMMIT was in flight.
+
+    The transaction may or may not have committed on the primary. It is never
+    retried automatically: the caller must check, or make the write idempotent.
+    """

@@ -1,0 +1,340 @@
+"""Active health checks: one probe loop per node, on connections of its own.
+
+Each probe asks a node whether it is in recovery and how far it has replayed
+(``pg_last_wal_replay_lsn()``), or, on the primary, where its WAL is
+(``pg_current_wal_lsn()``). Lag is measured against the primary's positions:
+
+* bytes: the primary's newest position minus the replica's replay position;
+* seconds: how long ago the primary first had WAL that the replica has not
+  replayed yet. An idle primary therefore never makes a caught-up replica look
+  behind, which ``now() - pg_last_xact_replay_timestamp()`` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import random
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ._nodes import Node, Role
+from ._settings import RouterSettings
+
+__all__ = ["HealthChecker", "ProbeResult", "update_eligibility"]
+
+logger = logging.getLogger("replica_router.health")
+
+_PROBE_SQL = """
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+            ELSE pg_current_wal_lsn() END,
+       current_setting('server_version')
+"""
+# Keys of SQLAlchemy's asyncpg adapter that asyncpg.connect() does not take.
+_ADAPTER_KEYS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+)
+# A replica must be this many times slower than the median of its peers (and
+# slower than the floor) to count as an outlier.
+OUTLIER_FACTOR = 4.0
+OUTLIER_FLOOR = 0.010
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one probe saw."""
+
+    in_recovery: bool
+    lsn: int | None
+    server_version: str
+    latency: float
+
+
+Connector = Callable[[Node], Awaitable[Any]]
+
+
+def connect_kwargs(node: Node, connect_args: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """asyncpg.connect() arguments for a node, as its engine would build them."""
+    cargs, cparams = node.engine.dialect.create_connect_args(node.url)
+    params = {**cparams, **connect_args}
+    for key in _ADAPTER_KEYS:
+        params.pop(key, None)
+    return list(cargs), params
+
+
+class _PrimaryHistory:
+    """The primary's WAL positions and when each was first seen, newest last."""
+
+    __slots__ = ("_limit", "_lsns", "_times")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._lsns: deque[int] = deque()
+        self._times: deque[float] = deque()
+        self._limit = limit
+
+    def add(self, lsn: int, at: float) -> None:
+        if self._lsns and lsn <= self._lsns[-1]:
+            return
+        self._lsns.append(lsn)
+        self._times.append(at)
+        if len(self._lsns) > self._limit:
+            self._lsns.popleft()
+            self._times.popleft()
+
+    @property
+    def newest(self) -> int | None:
+        return self._lsns[-1] if self._lsns else None
+
+    def lag(self, replay_lsn: int, now: float) -> tuple[int, float]:
+        """Bytes and seconds a replica at ``replay_lsn`` is behind."""
+        newest = self.newest
+        if newest is None or replay_lsn >= newest:
+            return 0, 0.0
+        # The first position the replica lacks was on the primary since this time.
+        index = bisect.bisect_right(self._lsns, replay_lsn)
+        return newest - replay_lsn, max(0.0, now - self._times[index])
+
+
+def update_eligibility(replicas: Sequence[Node], settings: RouterSettings) -> None:
+    """Recompute ``lagging`` and ``slow`` from the latest observations, log changes."""
+    latencies = [n.state.latency for n in replicas if n.state.up and n.state.latency is not None]
+    median = statistics.median(latencies) if len(latencies) >= 2 else None
+    for node in replicas:
+        state = node.state
+        lagging = (state.lag_seconds or 0.0) > settings.max_lag_seconds or (
+            state.lag_bytes or 0
+        ) > settings.max_lag_bytes
+        if lagging != state.lagging:
+            state.lagging = lagging
+            if lagging:
+                logger.warning(
+                    "replica %s is lagging (%.1f s, %d bytes); it serves no reads",
+                    node.name,
+                    state.lag_seconds or 0.0,
+                    state.lag_bytes or 0,
+                )
+            else:
+                logger.info("replica %s caught up; it serves reads again", node.name)
+        slow = (
+            median is not None
+            and state.latency is not None
+            and state.latency > OUTLIER_FLOOR
+            and state.latency > OUTLIER_FACTOR * median
+        )
+        if slow != state.slow:
+            state.slow = slow
+            if slow:
+                logger.warning(
+                    "replica %s is slow (%.1f ms, peers' median %.1f ms); it gets reads "
+                    "only when no peer can take them",
+                    node.name,
+                    (state.latency or 0.0) * 1000,
+                    (median or 0.0) * 1000,
+                )
+            else:
+                logger.info("replica %s is no longer slow", node.name)
+        state.reason = _reason(node)
+
+
+def _reason(node: Node) -> str | None:
+    state = node.state
+    if not state.up:
+        return state.reason if state.reason and state.reason.startswith("down") else "down"
+    if node.role is Role.REPLICA and state.in_recovery is False:
+        return "not in recovery: this server is a primary, reads never go to it"
+    if state.lagging:
+        return "lagging"
+    if state.slow:
+        return "slow"
+    return None
+
+
+class HealthChecker:
+    """Probes every node on an interval, in parallel, each on a connection of its own.
+
+    The probe connections never come from the nodes' request pools, so a busy or
+    tiny pool never delays a probe and a probe never takes a request's slot.
+    """
+
+    __slots__ = (
+        "_connect_args",
+        "_connections",
+        "_history",
+        "_nodes",
+        "_on_change",
+        "_settings",
+        "_stopping",
+        "_tasks",
+        "probes",
+    )
+
+    def __init__(
+        self,
+        primary: Node,
+        replicas: Sequence[Node],
+        settings: RouterSettings,
+        *,
+        connect_args: dict[str, Any] | None = None,
+    ) -> None:
+        self._nodes = [primary, *replicas]
+        self._settings = settings
+        self._connect_args = dict(connect_args or {})
+        self._connections: dict[str, asyncpg.Connection] = {}
+        self._history = _PrimaryHistory()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.probes = 0
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks) and not self._stopping.is_set()
+
+    @property
+    def primary_lsn(self) -> int | None:
+        """The newest WAL position the primary reported."""
+        return self._history.newest
+
+    async def start(self) -> None:
+        """Probe every node once, then keep probing in the background."""
+        self._stopping.clear()
+        await self.probe_all()
+        for node in self._nodes:
+            task = asyncio.create_task(self._loop(node), name=f"replica-router probe {node.name}")
+            self._tasks.append(task)
+
+    async def stop(self) -> None:
+        """Stop probing and close the probe connections."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        connections = list(self._connections.values())
+        self._connections.clear()
+        for conn in connections:
+            conn.terminate()
+
+    async def probe_all(self) -> None:
+        """One round: the primary first (replica lag is measured against it), then replicas."""
+        await self.probe(self._nodes[0])
+        await asyncio.gather(*(self.probe(n) for n in self._nodes[1:]))
+
+    async def _loop(self, node: Node) -> None:
+        interval = self._settings.health_interval
+        while not self._stopping.is_set():
+            # Jitter spreads probes of many workers over the interval.
+            delay = interval * random.uniform(0.8, 1.2)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            await self.probe(node)
+
+    async def probe(self, node: Node) -> None:
+        """Probe one node and fold the result into its state."""
+        state = node.state
+        generation = state.generation
+        try:
+            result = await asyncio.wait_for(self._query(node), self._settings.health_timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._drop_connection(node)
+            self._failed(node, exc)
+            return
+        finally:
+            self.probes += 1
+        self._succeeded(node, result, generation)
+
+    async def _query(self, node: Node) -> ProbeResult:
+        conn = self._connections.get(node.name)
+        if conn is None or conn.is_closed():
+            cargs, params = connect_kwargs(node, self._connect_args)
+            params["timeout"] = self._settings.health_timeout
+            params.setdefault("server_settings", {})
+            params["server_settings"] = {
+                **params["server_settings"],
+                "application_name": "replica-router-health",
+            }
+            conn = await asyncpg.connect(*cargs, **params)
+            self._connections[node.name] = conn
+        started = time.perf_counter()
+        row = await conn.fetchrow(_PROBE_SQL)
+        latency = time.perf_counter() - started
+        assert row is not None
+        lsn = row[1]
+        return ProbeResult(
+            in_recovery=bool(row[0]),
+            lsn=int(lsn) if lsn is not None else None,
+            server_version=str(row[2]),
+            latency=latency,
+        )
+
+    def _drop_connection(self, node: Node) -> None:
+        conn = self._connections.pop(node.name, None)
+        if conn is not None:
+            conn.terminate()
+
+    def _failed(self, node: Node, exc: BaseException) -> None:
+        state = node.state
+        message = _describe(exc)
+        if state.mark_down(f"down: {message}", message):
+            logger.warning("%s %s is down: %s", node.role.value, node.name, message)
+
+    def _succeeded(self, node: Node, result: ProbeResult, generation: int) -> None:
+        state = node.state
+        now = time.monotonic()
+        state.server_version = result.server_version
+        state.observe_latency(result.latency)
+        if state.in_recovery is not None and state.in_recovery != result.in_recovery:
+            logger.warning(
+                "%s %s changed role: it is %s now",
+                node.role.value,
+                node.name,
+                "in recovery (a replica)" if result.in_recovery else "not in recovery (a primary)",
+            )
+        state.in_recovery = result.in_recovery
+        if node.role is Role.PRIMARY:
+            if result.lsn is not None and not result.in_recovery:
+                self._history.add(result.lsn, now)
+            state.lag_bytes, state.lag_seconds = 0, 0.0
+        elif result.lsn is not None:
+            state.replay_lsn = result.lsn
+            state.replay_checked_at = now
+            state.lag_bytes, state.lag_seconds = self._history.lag(result.lsn, now)
+        # A probe that began before a passive ejection proves nothing about now.
+        if not state.up and generation == state.generation:
+            state.good_probes += 1
+            needed = 1 if node.role is Role.PRIMARY else self._settings.readmit_after
+            if state.good_probes >= needed:
+                state.up = True
+                state.down_since = None
+                logger.info("%s %s is up again", node.role.value, node.name)
+        replicas = [n for n in self._nodes if n.role is Role.REPLICA]
+        if node.role is Role.REPLICA:
+            update_eligibility(replicas, self._settings)
+        elif not state.up:
+            state.reason = "down"
+        else:
+            state.reason = None if result.in_recovery is False else "in recovery: not writable"
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, password-free description of a probe failure."""
+    if isinstance(exc, TimeoutError):
+        return "probe timed out"
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    # asyncpg's messages name host and port at most; never the DSN.
+    return f"{name}: {text}"[:200] if text else name

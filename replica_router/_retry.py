@@ -1,0 +1,127 @@
+"""What a failure means, decided in one place, and the bounded retry policy.
+
+Each class of error has one action:
+
+==========================  =================  ============================================
+class                       SQLSTATE / type    action
+==========================  =================  ============================================
+CONNECTION                  08xxx, OSError,    node is down: a reader ejects a replica and
+                            invalidated conn   moves on; the writer retries the primary
+SHUTDOWN                    57P01, 57P02       as CONNECTION (admin or crash shutdown)
+CANNOT_CONNECT_NOW          57P03              as CONNECTION (starting up, in recovery)
+TOO_MANY_CONNECTIONS        53300              retry after backoff; the node stays up
+READ_ONLY                   25006              on the writer: the primary became a replica
+                                               (failover); retried at checkout only
+RECOVERY_CONFLICT           40001 on replica   whole read re-run on another node
+SERIALIZATION               40001 on primary   whole transaction re-run (run_write)
+DEADLOCK                    40P01              whole transaction re-run (run_write)
+STATEMENT_TIMEOUT           57014              never retried
+OTHER                       anything else      never retried
+==========================  =================  ============================================
+
+Nothing is ever re-run once a user's code has started, except by the explicit
+``run_read`` / ``run_write`` helpers for whole units of work.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ErrorKind", "classify", "is_connection_error", "sqlstate_of"]
+
+
+class ErrorKind(enum.Enum):
+    """The class of a database error, which decides what is done about it."""
+
+    CONNECTION = "connection"
+    SHUTDOWN = "shutdown"
+    CANNOT_CONNECT_NOW = "cannot_connect_now"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    READ_ONLY = "read_only"
+    SERIALIZATION = "serialization"
+    DEADLOCK = "deadlock"
+    STATEMENT_TIMEOUT = "statement_timeout"
+    OTHER = "other"
+
+
+_BY_SQLSTATE = {
+    "57P01": ErrorKind.SHUTDOWN,
+    "57P02": ErrorKind.SHUTDOWN,
+    "57P03": ErrorKind.CANNOT_CONNECT_NOW,
+    "53300": ErrorKind.TOO_MANY_CONNECTIONS,
+    "25006": ErrorKind.READ_ONLY,
+    "40001": ErrorKind.SERIALIZATION,
+    "40P01": ErrorKind.DEADLOCK,
+    "57014": ErrorKind.STATEMENT_TIMEOUT,
+}
+
+# Kinds after which the node cannot be used: eject a replica, reconnect to the primary.
+NODE_DOWN = frozenset({ErrorKind.CONNECTION, ErrorKind.SHUTDOWN, ErrorKind.CANNOT_CONNECT_NOW})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, what it wraps (``.orig``) and its causes, without cycles."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        orig = getattr(item, "orig", None)
+        todo += [orig if isinstance(orig, BaseException) else None, item.__cause__]
+    return seen
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error, wherever SQLAlchemy or asyncpg put it."""
+    for item in _chain(exc):
+        state = getattr(item, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+    return None
+
+
+def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
+    """Classify a failure.
+
+    Args:
+        exc: what was raised.
+        during_checkout: the error came from opening a connection or its BEGIN. A
+            timeout there means the node does not answer; elsewhere a timeout is a
+            query that took too long and says nothing about the node.
+    """
+    state = sqlstate_of(exc)
+    if state is not None:
+        if state.startswith("08"):
+            return ErrorKind.CONNECTION
+        if state in _BY_SQLSTATE:
+            return _BY_SQLSTATE[state]
+    for item in _chain(exc):
+        if getattr(item, "connection_invalidated", False):
+            return ErrorKind.CONNECTION
+        if isinstance(item, TimeoutError):
+            if during_checkout:
+                return ErrorKind.CONNECTION
+            continue
+        if isinstance(item, OSError):
+            return ErrorKind.CONNECTION
+        # asyncpg's "connection was closed in the middle of operation" and friends.
+        if type(item).__name__ in {
+            "ConnectionDoesNotExistError",
+            "ConnectionFailureError",
+            "InternalClientError",
+        }:
+            return ErrorKind.CONNECTION
+    if state is None and during_checkout and _is_interface_error(exc):
+        return ErrorKind.CONNECTION
+    return ErrorKind.OTHER
+
+
+def _is_interface_error(exc: BaseException) -> bool:
+    return any(type(item).__name__ == "InterfaceError" for item in _chain(exc))
+
+
+def is_connection_error(exc: BaseException, *, during_checkout: bool = False) -> bool:
+    """True when the node behind the connection cannot be used any more."""
+    return classify(exc, during_checkout=during_checkout) in NODE_DOWN

@@ -1,0 +1,62 @@
+"""Snapshots of the router's state, for ``router.status()`` and the health routes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["NodeStatus", "RouterStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One node as the router sees it. ``url`` is masked; nothing here holds a password.
+
+    ``role`` is the configured role, ``server_role`` what the server last reported
+    (``None`` before the first probe); ``healthy`` means fit to serve its role, and
+    ``reason`` says why not.
+    """
+
+    name: str
+    role: str
+    server_role: str | None
+    url: str
+    healthy: bool
+    reason: str | None
+    lag_seconds: float | None
+    lag_bytes: int | None
+    in_flight: int
+    latency_ms: float | None
+    last_error: str | None
+    server_version: str | None
+    sessions: int
+    checkout_failures: int
+    ejections: int
+    retries: int
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouterStatus:
+    """Every node, primary first, and the router-wide counters."""
+
+    nodes: tuple[NodeStatus, ...]
+    fallback_in_flight: int
+    fallback_cap: int
+    strategy: str
+    health_checks_running: bool
+
+    @property
+    def primary(self) -> NodeStatus:
+        return self.nodes[0]
+
+    def node(self, name: str) -> NodeStatus:
+        """The status of the node called ``name``."""
+        for status in self.nodes:
+            if status.name == name:
+                return status
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data."""
+        return asdict(self)
