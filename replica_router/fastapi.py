@@ -9,9 +9,10 @@ Example::
     async def create(note: NoteIn, db: AsyncSession = Depends(router.writer)): ...
 """
 
-from __future__ import annotations
-
 import math
+
+# No ``from __future__ import annotations`` here: FastAPI resolves the dependencies'
+# annotations at run time, and these name closures local to make_dependencies.
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,7 +38,7 @@ def _unavailable(exc: NoHealthyNodeError) -> HTTPException:
     )
 
 
-def make_dependencies(router: ReplicaRouter) -> tuple[SessionDependency, SessionDependency]:
+def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, SessionDependency]:
     """The ``writer`` and ``reader`` dependencies of one router.
 
     Each is a plain ``async def`` returning the session that a *function-scoped*
@@ -95,7 +96,7 @@ class _entered:
         return bool(await self._context.__aexit__(exc_type, exc, tb))
 
 
-def health_routes(router: ReplicaRouter, prefix: str = "/health") -> APIRouter:
+def health_routes(router: "ReplicaRouter", prefix: str = "/health") -> APIRouter:
     """Liveness (``{prefix}/live``: 200 while the primary is reachable, else 503) and
     detail (``{prefix}/nodes``: every node as JSON, passwords masked)."""
     routes = APIRouter(prefix=prefix, tags=["health"])

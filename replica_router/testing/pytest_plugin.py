@@ -1,0 +1,70 @@
+"""Pytest fixtures on a real local cluster; enable them in your own suite with::
+
+    # conftest.py
+    pytest_plugins = ["replica_router.testing.pytest_plugin"]
+
+Fixtures:
+
+* ``replica_cluster`` (session): a :class:`LocalCluster` with a primary and
+  ``REPLICA_ROUTER_TEST_REPLICAS`` (default 2) streaming replicas, started once.
+  Each test gets it healed: every server running, replay resumed.
+* ``replica_router`` (function): a started :class:`ReplicaRouter` over that
+  cluster with fast health checks, closed after the test.
+
+Async fixtures need pytest-asyncio.
+
+Example::
+
+    async def test_reads_go_to_replicas(replica_router):
+        async with replica_router.reader_session() as db:
+            assert (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from replica_router import ReplicaRouter, RouterSettings
+from replica_router.testing.cluster import LocalCluster
+
+__all__ = ["heal", "replica_cluster", "replica_router", "replica_router_cluster"]
+
+
+def heal(cluster: LocalCluster) -> None:
+    """Undo faults a test left: start stopped servers, resume paused replay."""
+    for node in cluster.nodes:
+        if not cluster.is_running(node):
+            cluster.start_node(node)
+    for node in cluster.replicas:
+        if node.role == "replica":
+            cluster.resume_replay(node)
+
+
+@pytest.fixture(scope="session")
+def replica_router_cluster() -> Iterator[LocalCluster]:
+    """The session's cluster, started once and stopped at the end."""
+    replicas = int(os.environ.get("REPLICA_ROUTER_TEST_REPLICAS", "2"))
+    with LocalCluster(replicas=replicas) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def replica_cluster(replica_router_cluster: LocalCluster) -> LocalCluster:
+    """The session's cluster, healed of faults left by earlier tests."""
+    heal(replica_router_cluster)
+    return replica_router_cluster
+
+
+@pytest_asyncio.fixture
+async def replica_router(replica_cluster: LocalCluster) -> AsyncIterator[ReplicaRouter]:
+    """A started router over the cluster with fast probes (0.2 s), closed afterwards."""
+    settings = RouterSettings.defaults(health_interval=0.2, health_timeout=1.0)
+    router = ReplicaRouter(
+        replica_cluster.primary_url, replica_cluster.replica_urls, settings=settings
+    )
+    async with router:
+        yield router

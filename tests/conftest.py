@@ -1,0 +1,27 @@
+"""The suite's own set-up: the cluster fixtures from our pytest plugin, and a leak check."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+pytest_plugins = ["replica_router.testing.pytest_plugin"]
+
+
+def _leftover_servers() -> list[str]:
+    """PostgreSQL processes started by a LocalCluster (their data dirs are replica-router-*)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [
+        line.strip()
+        for line in out.splitlines()
+        if "postgres" in line and "/replica-router-" in line
+    ]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Session fixtures (the cluster) are torn down by now: nothing may be left running.
+    leftovers = _leftover_servers()
+    if leftovers:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nPostgreSQL servers left running by the suite:\n  " + "\n  ".join(leftovers))
