@@ -11,7 +11,7 @@ pytest_plugins = ["replica_router.testing.pytest_plugin"]
 
 def _leftover_servers() -> list[str]:
     """PostgreSQL processes started by a LocalCluster (their data dirs are replica-router-*)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [
         line.strip()
         for line in out.splitlines()

@@ -1,0 +1,14 @@
+"""Throwaway PostgreSQL clusters (a primary and streaming replicas) for tests.
+
+Example::
+
+    from replica_router.testing import LocalCluster
+
+    with LocalCluster(replicas=2) as cluster:
+        router = ReplicaRouter(cluster.primary_url, replica_urls=cluster.replica_urls)
+"""
+
+from replica_router.testing._binaries import PostgresNotFoundError, find_pg_bin
+from replica_router.testing.cluster import ClusterError, ClusterNode, LocalCluster
+
+__all__ = ["ClusterError", "ClusterNode", "LocalCluster", "PostgresNotFoundError", "find_pg_bin"]

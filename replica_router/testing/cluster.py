@@ -1,0 +1,792 @@
+"""A throwaway PostgreSQL primary with streaming replicas, with fault controls.
+
+``LocalCluster`` runs real servers from local binaries (see
+:func:`~replica_router.testing.find_pg_bin`) on free loopback ports, in a
+temporary directory that is removed on :meth:`LocalCluster.stop`. Replicas are
+made with ``pg_basebackup -R`` and each holds a replication slot, so a stopped
+or paused replica can always catch up. Started as root, every server and
+client tool runs as an unprivileged user (``postgres`` by default, see
+``REPLICA_ROUTER_PG_USER``).
+
+No server outlives its owner: ``stop()`` runs from the context manager, from
+``atexit``, and failing both, a small watchdog process SIGKILLs the servers when
+the owning process dies (SIGKILL included) and removes the directory.
+
+Example::
+
+    from replica_router.testing import LocalCluster
+
+    with LocalCluster(replicas=2) as cluster:
+        cluster.execute("primary", "CREATE TABLE t (id int)")
+        cluster.wait_for_replay()
+        cluster.pause_replay("replica-1")  # replica-1 now lags
+        engine = create_async_engine(cluster.primary_url)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+from urllib.parse import quote
+
+from replica_router.testing import _watchdog
+from replica_router.testing._binaries import RunAs, ensure_reachable, find_pg_bin, server_user
+
+__all__ = ["ClusterError", "ClusterNode", "LocalCluster"]
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["primary", "replica"]
+StopMode = Literal["smart", "fast", "immediate"]
+
+_STOP_SIGNALS: dict[str, signal.Signals] = {
+    "smart": signal.SIGTERM,
+    "fast": signal.SIGINT,
+    "immediate": signal.SIGQUIT,
+}
+_ESCALATION: tuple[tuple[str, float], ...] = (
+    ("smart", 30.0),
+    ("fast", 30.0),
+    ("immediate", 10.0),
+)
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_FIELD_SEP = "\x1f"
+_RECORD_SEP = "\x1e"
+
+_BASE_SETTINGS: dict[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "max_connections": "100",
+    "shared_buffers": "16MB",
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "hot_standby": "on",
+    "fsync": "off",
+    "full_page_writes": "off",
+    # Replicas reconnect to a restarted primary this fast (default 5s).
+    "wal_retrieve_retry_interval": "500ms",
+    "logging_collector": "off",
+}
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation failed; the message includes the server log's tail when useful."""
+
+
+@dataclass(eq=False, slots=True)
+class ClusterNode:
+    """One server of a :class:`LocalCluster`.
+
+    Attributes:
+        name: ``primary``, ``replica-1``, ``replica-2``, ...
+        role: ``"primary"`` or ``"replica"``; a promoted replica becomes ``"primary"``.
+        port: The TCP port on 127.0.0.1, fixed for the cluster's lifetime.
+        data_dir: The server's data directory.
+        log_file: Where the server's output goes.
+        pid: The postmaster's process id while it runs, else ``None``.
+    """
+
+    name: str
+    role: Role
+    port: int
+    data_dir: Path
+    log_file: Path
+    pid: int | None = None
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Return the last ``lines`` lines of the server log."""
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _conf_value(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_ident(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+_LIVE: set[LocalCluster] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_live_clusters() -> None:
+    with _LIVE_LOCK:
+        clusters = list(_LIVE)
+    for cluster in clusters:
+        if cluster._owner_pid == os.getpid():
+            try:
+                cluster.stop()
+            except Exception:
+                logger.warning("could not stop a local cluster at exit", exc_info=True)
+
+
+class LocalCluster:
+    """A primary and ``replicas`` streaming replicas on free loopback ports.
+
+    Args:
+        replicas: How many streaming replicas to start (0 or more).
+        bin_dir: A PostgreSQL ``bin`` directory; found with ``find_pg_bin()`` if omitted.
+        base_dir: A directory to create the cluster's temporary directory in
+            (default: the system temporary directory). Only the created
+            directory is removed on ``stop()``.
+        user: The database role in the URLs: a superuser with ``REPLICATION``
+            and a password (default ``postgres``).
+        password: Its password (default: a random token).
+        database: The database in the URLs, created at start (default ``app``).
+        server_settings: Extra ``postgresql.conf`` settings for every node.
+
+    Raises:
+        ValueError: An argument is invalid.
+    """
+
+    __slots__ = (
+        "_base_parent",
+        "_bin_arg",
+        "_bin_dir",
+        "_nodes",
+        "_owner_pid",
+        "_run_as",
+        "_watchdog",
+        "base_dir",
+        "database",
+        "password",
+        "replica_count",
+        "server_settings",
+        "user",
+    )
+
+    def __init__(
+        self,
+        replicas: int = 2,
+        *,
+        bin_dir: str | Path | None = None,
+        base_dir: str | Path | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        database: str = "app",
+        server_settings: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            msg = f"replicas must be an integer >= 0, got {replicas!r}"
+            raise ValueError(msg)
+        if user is not None and not user:
+            msg = "user must be a non-empty string"
+            raise ValueError(msg)
+        if not database:
+            msg = "database must be a non-empty string"
+            raise ValueError(msg)
+        if password is not None and not password:
+            msg = "password must be a non-empty string (or None for a random one)"
+            raise ValueError(msg)
+        settings = dict(server_settings or {})
+        for key in settings:
+            if not _SETTING_NAME.match(key):
+                msg = f"server_settings: {key!r} is not a valid setting name"
+                raise ValueError(msg)
+        self.replica_count = replicas
+        self._bin_arg = Path(bin_dir) if bin_dir is not None else None
+        self._base_parent = Path(base_dir) if base_dir is not None else None
+        self.user = user or "postgres"
+        self.password = password or secrets.token_urlsafe(18)
+        self.database = database
+        self.server_settings = settings
+        self._bin_dir: Path | None = None
+        self._run_as: RunAs | None = None
+        self._nodes: list[ClusterNode] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._owner_pid = os.getpid()
+        self.base_dir: Path | None = None
+
+    def __repr__(self) -> str:
+        ports = ", ".join(f"{node.name}:{node.port}" for node in self._nodes) or "not started"
+        return f"<LocalCluster {ports}>"
+
+    # -- nodes and URLs ----------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[ClusterNode]:
+        """Every node, the primary first."""
+        self._require_started()
+        return list(self._nodes)
+
+    @property
+    def primary(self) -> ClusterNode:
+        """The node started as the primary (named ``primary``)."""
+        return self.nodes[0]
+
+    @property
+    def replicas(self) -> list[ClusterNode]:
+        """The nodes started as replicas, in order (``replica-1``, ...)."""
+        return self.nodes[1:]
+
+    @property
+    def bin_dir(self) -> Path:
+        """The PostgreSQL ``bin`` directory in use."""
+        self._require_started()
+        assert self._bin_dir is not None
+        return self._bin_dir
+
+    @property
+    def primary_url(self) -> str:
+        """SQLAlchemy URL of the primary (``postgresql+asyncpg://...``)."""
+        return self.url(self.primary)
+
+    @property
+    def replica_urls(self) -> list[str]:
+        """SQLAlchemy URLs of the replicas, in order."""
+        return [self.url(node) for node in self.replicas]
+
+    def node(self, node: ClusterNode | str) -> ClusterNode:
+        """Return the node given by itself or by name.
+
+        Raises:
+            KeyError: No node has that name.
+        """
+        if isinstance(node, ClusterNode):
+            return node
+        for candidate in self.nodes:
+            if candidate.name == node:
+                return candidate
+        msg = f"no node named {node!r}; nodes are {[n.name for n in self._nodes]}"
+        raise KeyError(msg)
+
+    def url(self, node: ClusterNode | str) -> str:
+        """Return the SQLAlchemy URL (asyncpg driver) of a node."""
+        return "postgresql+asyncpg" + self.dsn(node).removeprefix("postgresql")
+
+    def dsn(self, node: ClusterNode | str) -> str:
+        """Return the libpq/asyncpg URL (``postgresql://...``) of a node."""
+        port = self.node(node).port
+        credentials = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
+        return f"postgresql://{credentials}@127.0.0.1:{port}/{quote(self.database, safe='')}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> LocalCluster:
+        """Create and start the primary and the replicas; a no-op when started.
+
+        Returns:
+            The cluster itself.
+
+        Raises:
+            PostgresNotFoundError: No usable binaries.
+            ClusterError: A server did not start.
+        """
+        if self._nodes:
+            return self
+        started = time.monotonic()
+        self._owner_pid = os.getpid()
+        self._run_as = run_as = server_user()
+        if self._bin_arg is None:
+            self._bin_dir = find_pg_bin(run_as.name)
+        else:
+            self._bin_dir = ensure_reachable(self._bin_arg, run_as)
+        parent = self._base_parent or Path(tempfile.gettempdir())
+        self.base_dir = base = Path(tempfile.mkdtemp(prefix="replica-router-", dir=parent))
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        try:
+            base.chmod(0o755)  # lets the server user reach its directories
+            self._start_watchdog(base)
+            (base / "sockets").mkdir()
+            self._chown(base / "sockets")
+            self._create_primary()
+            with ThreadPoolExecutor(max_workers=max(1, min(self.replica_count, 4))) as pool:
+                replicas = list(pool.map(self._create_replica, range(1, self.replica_count + 1)))
+            self._nodes.extend(replicas)
+            for replica in replicas:
+                self._spawn(replica)
+            for replica in replicas:
+                self._wait_ready(replica)
+        except BaseException:
+            self.stop()
+            raise
+        logger.debug(
+            "local cluster with %d replicas started in %.2fs",
+            self.replica_count,
+            time.monotonic() - started,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop every server (fast, then immediate, then SIGKILL) and remove the directory."""
+        try:
+            self._stop_nodes(self._nodes, "fast")
+        finally:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                # End of file makes the watchdog sweep what is left and remove the directory.
+                if watchdog.stdin is not None:
+                    watchdog.stdin.close()
+                try:
+                    watchdog.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    watchdog.kill()
+                    watchdog.wait()
+            if self.base_dir is not None:
+                _watchdog.sweep(str(self.base_dir))
+                shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir = None
+            self._nodes = []
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
+    # -- fault controls ----------------------------------------------------------------------
+
+    def is_running(self, node: ClusterNode | str) -> bool:
+        """Whether the node's postmaster is running."""
+        target = self.node(node)
+        process = target._process
+        return not (process is None or process.poll() is not None)
+
+    def stop_node(self, node: ClusterNode | str, mode: StopMode = "fast") -> None:
+        """Shut a node down (``smart``, ``fast`` or ``immediate``), escalating if it hangs."""
+        if mode not in _STOP_SIGNALS:
+            msg = f"mode must be 'smart', 'fast' or 'immediate', got {mode!r}"
+            raise ValueError(msg)
+        self._stop_nodes([self.node(node)], mode)
+
+    def kill_node(self, node: ClusterNode | str) -> None:
+        """SIGKILL a node's postmaster and all its children, as a crash would.
+
+        ``start_node()`` works afterwards: the stale ``postmaster.pid`` and socket
+        lock files are removed once no process of the node is left.
+        """
+        target = self.node(node)
+        process = target._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGKILL)
+        _watchdog.sweep(str(target.data_dir.resolve()), exact=True)
+        if process is not None:
+            process.wait()
+        self._forget(target)
+
+    def start_node(self, node: ClusterNode | str, wait: bool = True) -> None:
+        """Start a stopped node; with ``wait``, return once it accepts connections."""
+        target = self.node(node)
+        if self.is_running(target):
+            return
+        self._spawn(target)
+        if wait:
+            self._wait_ready(target)
+
+    def restart_node(self, node: ClusterNode | str) -> None:
+        """Fast shutdown, then start, of one node."""
+        self.stop_node(node)
+        self.start_node(node)
+
+    def pause_replay(self, node: ClusterNode | str) -> None:
+        """Pause WAL replay on a replica (``pg_wal_replay_pause()``): it starts lagging."""
+        self.execute(self._replica(node), "SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self, node: ClusterNode | str) -> None:
+        """Resume WAL replay on a replica (``pg_wal_replay_resume()``)."""
+        self.execute(self._replica(node), "SELECT pg_wal_replay_resume()")
+
+    def promote(self, node: ClusterNode | str, timeout: float = 60.0) -> None:
+        """Promote a replica (``pg_ctl promote``) and wait until it leaves recovery.
+
+        The node's ``role`` becomes ``"primary"``; the other replicas keep following
+        the original primary.
+        """
+        target = self._replica(node)
+        self._tool("pg_ctl", "promote", "-D", str(target.data_dir), "-w", "-t", str(int(timeout)))
+        deadline = time.monotonic() + timeout
+        while self.execute(target, "SELECT pg_is_in_recovery()") != [("f",)]:
+            if time.monotonic() > deadline:
+                msg = f"{target.name} still in recovery after promotion\n{target.log_tail()}"
+                raise ClusterError(msg)
+            time.sleep(0.02)
+        target.role = "primary"
+        logger.info("%s promoted", target.name)
+
+    def wait_for_replay(self, timeout: float = 30.0) -> None:
+        """Wait until every running, unpaused replica has replayed the primary's current LSN.
+
+        Raises:
+            ClusterError: No primary is running, or a replica did not catch up in time.
+        """
+        sources = [n for n in self.nodes if n.role == "primary" and self.is_running(n)]
+        if not sources:
+            msg = "wait_for_replay: no primary is running"
+            raise ClusterError(msg)
+        lsn = self.execute(sources[0], "SELECT pg_current_wal_lsn()")[0][0]
+        query = (
+            "SELECT pg_is_wal_replay_paused(), "
+            f"coalesce(pg_last_wal_replay_lsn() >= {_sql_literal(lsn)}::pg_lsn, false)"
+        )
+        pending = [n for n in self.nodes if n.role == "replica" and self.is_running(n)]
+        deadline = time.monotonic() + timeout
+        while pending:
+            pending = [n for n in pending if "t" not in self.execute(n, query)[0]]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(n.name for n in pending)
+                msg = f"replicas {names} did not replay {lsn} within {timeout}s"
+                raise ClusterError(msg)
+            time.sleep(0.02)
+
+    def execute(
+        self,
+        node: ClusterNode | str,
+        sql: str,
+        *,
+        database: str | None = None,
+        timeout: float = 60.0,
+    ) -> list[tuple[str, ...]]:
+        """Run SQL on a node with ``psql`` and return the last result's rows as text.
+
+        Synchronous (a subprocess), so it is safe to call from inside an event loop.
+        ``NULL`` comes back as ``""``, booleans as ``"t"``/``"f"``.
+
+        Args:
+            node: The node or its name.
+            sql: One or more statements; rows of the last one are returned.
+            database: Defaults to the cluster's database.
+            timeout: Seconds before giving up.
+
+        Raises:
+            ClusterError: The node is not running or the SQL failed.
+        """
+        target = self.node(node)
+        if not self.is_running(target):
+            msg = f"{target.name} is not running"
+            raise ClusterError(msg)
+        assert self.base_dir is not None
+        result = self._tool(
+            "psql",
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            str(self.base_dir / "sockets"),
+            "-p",
+            str(target.port),
+            "-U",
+            self.user,
+            "-d",
+            database or self.database,
+            "-F",
+            _FIELD_SEP,
+            "-R",
+            _RECORD_SEP,
+            "-c",
+            sql,
+            timeout=timeout,
+            what=f"SQL on {target.name}",
+        )
+        out = result.stdout.removesuffix("\n")
+        if not out:
+            return []
+        return [tuple(record.split(_FIELD_SEP)) for record in out.split(_RECORD_SEP)]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _require_started(self) -> None:
+        if not self._nodes:
+            msg = "the cluster is not started; call start() or use it as a context manager"
+            raise ClusterError(msg)
+
+    def _replica(self, node: ClusterNode | str) -> ClusterNode:
+        target = self.node(node)
+        if target.role != "replica":
+            msg = f"{target.name} is not a replica"
+            raise ClusterError(msg)
+        return target
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(LC_ALL="C", LANG="C", PGPASSWORD=self.password)
+        if self.base_dir is not None:
+            env["HOME"] = str(self.base_dir)
+        return env
+
+    def _ids(self) -> tuple[int | None, int | None, list[int] | None]:
+        """``user``, ``group`` and ``extra_groups`` for subprocesses: switch when root."""
+        run_as = self._run_as
+        if run_as is None or not run_as.switch:
+            return None, None, None
+        return run_as.uid, run_as.gid, list(run_as.groups)
+
+    def _chown(self, path: Path) -> None:
+        if self._run_as is not None and self._run_as.switch:
+            os.chown(path, self._run_as.uid, self._run_as.gid)
+
+    def _tool(
+        self, name: str, *args: str, timeout: float = 120.0, what: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        assert self._bin_dir is not None
+        assert self.base_dir is not None
+        uid, gid, groups = self._ids()
+        try:
+            result = subprocess.run(
+                [str(self._bin_dir / name), *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=self.base_dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                check=False,
+                user=uid,
+                group=gid,
+                extra_groups=groups,
+            )
+        except subprocess.TimeoutExpired as exc:
+            msg = f"{what or name} timed out after {timeout}s"
+            raise ClusterError(msg) from exc
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip()
+            msg = f"{what or name} failed (exit {result.returncode}): {detail}"
+            raise ClusterError(msg)
+        return result
+
+    def _node_dirs(self, name: str) -> tuple[Path, Path]:
+        assert self.base_dir is not None
+        node_dir = self.base_dir / name
+        node_dir.mkdir(mode=0o700)
+        self._chown(node_dir)
+        data_dir = node_dir / "data"
+        data_dir.mkdir(mode=0o700)
+        self._chown(data_dir)
+        return data_dir, node_dir / "server.log"
+
+    def _write_settings(self, node: ClusterNode) -> None:
+        assert self.base_dir is not None
+        settings = dict(_BASE_SETTINGS)
+        settings["port"] = str(node.port)
+        settings["unix_socket_directories"] = str(self.base_dir / "sockets")
+        settings["max_wal_senders"] = str(max(10, self.replica_count + 4))
+        settings["max_replication_slots"] = str(max(10, self.replica_count + 4))
+        settings.update(self.server_settings)
+        lines = [f"\n# replica_router.testing: {node.name}\n"]
+        lines += [f"{key} = {_conf_value(value)}\n" for key, value in settings.items()]
+        with open(node.data_dir / "postgresql.conf", "a") as conf:
+            conf.writelines(lines)
+
+    def _create_primary(self) -> None:
+        assert self.base_dir is not None
+        data_dir, log_file = self._node_dirs("primary")
+        node = ClusterNode("primary", "primary", _free_port(), data_dir, log_file)
+        self._nodes.append(node)
+        pwfile = self.base_dir / "primary" / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        self._chown(pwfile)
+        try:
+            self._tool(
+                "initdb",
+                "-D",
+                str(data_dir),
+                "-N",
+                "-U",
+                self.user,
+                f"--pwfile={pwfile}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
+        finally:
+            pwfile.unlink()
+        self._write_settings(node)
+        self._spawn(node, retry_ports=True)
+        self._wait_ready(node)
+        if self.database != "postgres":
+            self.execute(node, f"CREATE DATABASE {_sql_ident(self.database)}", database="postgres")
+        # Slots reserve WAL from now on: concurrent base backups' checkpoints cannot
+        # remove what a replica still needs (pg_basebackup -C would reserve it too late).
+        slots = ", ".join(
+            f"pg_create_physical_replication_slot('replica_{i}', true)"
+            for i in range(1, self.replica_count + 1)
+        )
+        if slots:
+            self.execute(node, f"SELECT {slots}")
+
+    def _create_replica(self, index: int) -> ClusterNode:
+        name = f"replica-{index}"
+        data_dir, log_file = self._node_dirs(name)
+        primary = self._nodes[0]
+        node = ClusterNode(name, "replica", _free_port(), data_dir, log_file)
+        conninfo = f"host=127.0.0.1 port={primary.port} user={self.user} application_name={name}"
+        self._tool(
+            "pg_basebackup",
+            "-D",
+            str(data_dir),
+            "-d",
+            conninfo,
+            "-R",
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "-N",
+            "-S",
+            f"replica_{index}",
+            what=f"pg_basebackup for {name}",
+        )
+        self._write_settings(node)
+        return node
+
+    def _start_watchdog(self, base: Path) -> None:
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", _watchdog.__file__, str(base)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd="/",
+            start_new_session=True,
+        )
+
+    def _spawn(self, node: ClusterNode, *, retry_ports: bool = False) -> None:
+        assert self._bin_dir is not None
+        uid, gid, groups = self._ids()
+        for attempt in range(3 if retry_ports else 1):
+            with open(node.log_file, "ab") as log:
+                self._chown(node.log_file)
+                process: subprocess.Popen[bytes] = subprocess.Popen(
+                    [str(self._bin_dir / "postgres"), "-D", str(node.data_dir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=node.data_dir.parent,
+                    env=self._env(),
+                    start_new_session=True,
+                    user=uid,
+                    group=gid,
+                    extra_groups=groups,
+                )
+            node._process = process
+            node.pid = process.pid
+            if not retry_ports:
+                return
+            # The port was free when picked; another process may have taken it since.
+            try:
+                self._wait_ready(node)
+            except ClusterError:
+                if attempt == 2 or "could not bind" not in node.log_tail():
+                    raise
+                node.port = _free_port()
+                self._write_settings(node)
+                continue
+            return
+
+    def _wait_ready(self, node: ClusterNode, timeout: float = 60.0) -> None:
+        process = node._process
+        assert process is not None
+        pid_file = node.data_dir / "postmaster.pid"
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                self._forget(node)
+                msg = (
+                    f"{node.name} exited with status {process.returncode} while starting; "
+                    f"log tail:\n{node.log_tail()}"
+                )
+                raise ClusterError(msg)
+            try:
+                lines = pid_file.read_text().splitlines()
+            except OSError:
+                lines = []
+            # Line 8 of postmaster.pid is the status that pg_ctl waits for.
+            if (
+                len(lines) >= 8
+                and lines[0] == str(process.pid)
+                and lines[7].strip() in ("ready", "standby")
+            ):
+                return
+            if time.monotonic() > deadline:
+                msg = f"{node.name} not ready after {timeout}s; log tail:\n{node.log_tail()}"
+                raise ClusterError(msg)
+            time.sleep(0.01)
+
+    def _forget(self, node: ClusterNode) -> None:
+        """Clean up after a postmaster that is gone: no process, no stale lock files."""
+        assert self.base_dir is not None
+        _watchdog.sweep(str(node.data_dir.resolve()), exact=True)
+        for stale in (
+            node.data_dir / "postmaster.pid",
+            self.base_dir / "sockets" / f".s.PGSQL.{node.port}.lock",
+        ):
+            stale.unlink(missing_ok=True)
+        node._process = None
+        node.pid = None
+
+    def _stop_nodes(self, nodes: Sequence[ClusterNode], mode: str) -> None:
+        steps = list(_ESCALATION)
+        while steps[0][0] != mode:
+            steps.pop(0)
+        pending = [n for n in nodes if n._process is not None]
+        for step, grace in steps:
+            for node in pending:
+                assert node._process is not None
+                if node._process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        node._process.send_signal(_STOP_SIGNALS[step])
+            deadline = time.monotonic() + grace
+            for node in pending:
+                assert node._process is not None
+                try:
+                    node._process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("%s ignored a %s shutdown; escalating", node.name, step)
+            pending = [n for n in pending if n._process is not None and n._process.poll() is None]
+            if not pending:
+                break
+        for node in nodes:
+            if node._process is not None:
+                if node._process.poll() is None:
+                    node._process.kill()
+                    node._process.wait()
+                self._forget(node)
