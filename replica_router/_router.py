@@ -6,10 +6,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -26,6 +26,7 @@ from ._exceptions import (
     ConfigurationError,
     NoHealthyReplicaError,
     PrimaryUnavailableError,
+    RetryExhaustedError,
 )
 from ._health import HealthChecker, update_eligibility
 from ._nodes import Node, NodeState, Role, mask_url
@@ -37,7 +38,10 @@ from ._status import NodeStatus, RouterStatus
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
 
-__all__ = ["ReplicaRouter"]
+__all__ = ["IsolationLevel", "ReplicaRouter"]
+
+T = TypeVar("T")
+IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"]
 
 logger = logging.getLogger("replica_router")
 
@@ -85,6 +89,7 @@ class ReplicaRouter:
         "_fallback_cap",
         "_fallback_in_flight",
         "_health",
+        "_isolated",
         "_selector",
         "_started",
         "primary",
@@ -144,6 +149,7 @@ class ReplicaRouter:
             self.primary, self.replicas, self.settings, connect_args=connect_args
         )
         self._started = False
+        self._isolated: dict[str, async_sessionmaker[AsyncSession]] = {}
         from .fastapi import (
             make_dependencies,
         )  # fastapi is a dependency; keep it out of import time
@@ -377,8 +383,7 @@ class ReplicaRouter:
                 if node.role is Role.REPLICA:
                     update_eligibility(self.replicas, self.settings)
 
-    async def _checkout_reader(self) -> tuple[AsyncSession, Node]:
-        tried: list[Node] = []
+    async def _checkout_reader(self, tried: list[Node]) -> tuple[AsyncSession, Node]:
         attempts = self.settings.checkout_attempts + len(self.replicas)
         try:
             async for attempt in self._retrying(attempts):
@@ -413,13 +418,13 @@ class ReplicaRouter:
         if fallback:
             self._fallback_in_flight -= 1
 
-    async def _checkout_writer(self) -> AsyncSession:
+    async def _checkout_writer(self, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
         try:
             async for attempt in self._retrying(self.settings.checkout_attempts):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.primary.state.retries += 1
-                    return await self._enter(self.primary, self.primary.sessionmaker)
+                    return await self._enter(self.primary, maker)
         except _CheckoutFailed as exc:
             raise PrimaryUnavailableError(
                 f"the primary is unreachable ({type(exc.error).__name__})",
@@ -427,8 +432,7 @@ class ReplicaRouter:
             ) from exc.error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    @asynccontextmanager
-    async def reader_session(self) -> AsyncIterator[AsyncSession]:
+    def reader_session(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A read-only session on a fit replica (or the primary, see fallback).
 
         The connection is checked out and its transaction begun before this yields,
@@ -437,7 +441,11 @@ class ReplicaRouter:
         Raises:
             NoHealthyReplicaError: no node could serve the read.
         """
-        session, node = await self._checkout_reader()
+        return self._reader([])
+
+    @asynccontextmanager
+    async def _reader(self, tried: list[Node]) -> AsyncIterator[AsyncSession]:
+        session, node = await self._checkout_reader(tried)
         fallback = node.role is Role.PRIMARY and bool(self.replicas)
         node.state.sessions += 1
         try:
@@ -453,18 +461,23 @@ class ReplicaRouter:
             await _close_quietly(session)
 
     @asynccontextmanager
-    async def writer_session(self) -> AsyncIterator[AsyncSession]:
+    async def writer_session(
+        self, *, isolation_level: IsolationLevel | None = None
+    ) -> AsyncIterator[AsyncSession]:
         """A session on the primary, committed when the block ends without error.
 
         An exception in the block rolls back. If the commit fails, the error
         propagates (a FastAPI route answers 500, never 2xx). If the connection is
         lost while COMMIT is in flight, :class:`CommitOutcomeUnknownError` is raised.
 
+        Args:
+            isolation_level: e.g. ``"SERIALIZABLE"``; the server default when omitted.
+
         Raises:
             PrimaryUnavailableError: no working connection to the primary.
             CommitOutcomeUnknownError: COMMIT was sent and its answer lost.
         """
-        session = await self._checkout_writer()
+        session = await self._checkout_writer(self._writer_maker(isolation_level))
         node = self.primary
         node.state.sessions += 1
         try:
@@ -484,6 +497,107 @@ class ReplicaRouter:
         finally:
             self._leave(node, False)
             await _close_quietly(session)
+
+    def _writer_maker(self, level: IsolationLevel | None) -> async_sessionmaker[AsyncSession]:
+        maker = self.primary.sessionmaker
+        if level is None:
+            return maker
+        cached = self._isolated.get(level)
+        if cached is None:
+            engine = self.primary.engine.execution_options(isolation_level=level)
+            cached = self._isolated[level] = async_sessionmaker(engine, **maker.kw)
+        return cached
+
+    async def run_read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``fn(session)`` on a reader; re-run it elsewhere if the node fails.
+
+        ``fn`` must be a whole read that is safe to repeat. After a lost connection
+        or a recovery conflict on a replica (40001, 40P01), it runs again on another
+        node (the primary last, if allowed); any other error propagates at once.
+
+        Raises:
+            NoHealthyReplicaError: no node is left to try.
+            RetryExhaustedError: every attempt failed; ``last_exception`` says why.
+        """
+        tried: list[Node] = []
+        attempts = self.settings.checkout_attempts + len(self.replicas)
+        for attempt in range(1, attempts + 1):
+            before = len(tried)
+            try:
+                async with self._reader(tried) as session:
+                    return await fn(session)
+            except Exception as exc:
+                kind = classify(exc)
+                node = tried[-1] if len(tried) > before else None
+                retryable = kind in NODE_DOWN or (
+                    node is not None
+                    and node.role is Role.REPLICA
+                    and kind in (ErrorKind.SERIALIZATION, ErrorKind.DEADLOCK)
+                )
+                if not retryable or node is None:
+                    raise
+                node.state.retries += 1
+                logger.info(
+                    "read on %s failed (%s); running it again elsewhere", node.name, kind.value
+                )
+                if attempt == attempts:
+                    raise RetryExhaustedError(
+                        f"the read failed on every node tried ({kind.value})",
+                        last_exception=exc,
+                        attempts=attempt,
+                    ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def run_write(
+        self,
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        isolation_level: IsolationLevel | None = None,
+        attempts: int | None = None,
+    ) -> T:
+        """Run ``fn(session)`` in a primary transaction and commit it; re-run when safe.
+
+        It runs again only when the transaction certainly did not commit: after a
+        serialization failure (40001) or a deadlock (40P01), or a connection lost
+        before COMMIT was sent. If the connection is lost during COMMIT,
+        :class:`CommitOutcomeUnknownError` propagates and ``fn`` never runs again.
+
+        Args:
+            fn: the unit of work; it may run more than once, so it must not have
+                effects outside the transaction.
+            isolation_level: e.g. ``"SERIALIZABLE"``.
+            attempts: the most runs (default: ``checkout_attempts`` + 2).
+
+        Raises:
+            CommitOutcomeUnknownError: the outcome of COMMIT is unknown.
+            RetryExhaustedError: every attempt failed; ``last_exception`` says why.
+        """
+        limit = attempts if attempts is not None else self.settings.checkout_attempts + 2
+        s = self.settings
+        for attempt in range(1, limit + 1):
+            try:
+                async with self.writer_session(isolation_level=isolation_level) as session:
+                    return await fn(session)
+            except CommitOutcomeUnknownError:
+                raise
+            except Exception as exc:
+                kind = classify(exc)
+                if (
+                    kind not in (ErrorKind.SERIALIZATION, ErrorKind.DEADLOCK)
+                    and kind not in NODE_DOWN
+                ):
+                    raise
+                self.primary.state.retries += 1
+                if attempt == limit:
+                    raise RetryExhaustedError(
+                        f"the transaction failed {attempt} times ({kind.value})",
+                        last_exception=exc,
+                        attempts=attempt,
+                    ) from exc
+                logger.info("transaction rolled back (%s); running it again", kind.value)
+                ceiling = min(s.retry_backoff_max, s.retry_backoff * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, ceiling))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- status ----------------------------------------------------------------------
 
