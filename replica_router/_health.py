@@ -171,7 +171,7 @@ class HealthChecker:
         "_connections",
         "_history",
         "_nodes",
-        "_on_change",
+        "_on_primary_demoted",
         "_settings",
         "_stopping",
         "_tasks",
@@ -185,7 +185,9 @@ class HealthChecker:
         settings: RouterSettings,
         *,
         connect_args: dict[str, Any] | None = None,
+        on_primary_demoted: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_primary_demoted = on_primary_demoted
         self._nodes = [primary, *replicas]
         self._settings = settings
         self._connect_args = dict(connect_args or {})
@@ -304,6 +306,8 @@ class HealthChecker:
                 node.name,
                 "in recovery (a replica)" if result.in_recovery else "not in recovery (a primary)",
             )
+            if node.role is Role.PRIMARY and result.in_recovery and self._on_primary_demoted:
+                self._on_primary_demoted("the health probe found it in recovery")
         state.in_recovery = result.in_recovery
         if node.role is Role.PRIMARY:
             if result.lsn is not None and not result.in_recovery:

@@ -54,6 +54,7 @@ class NodeState:
     checkout_failures: int = 0
     ejections: int = 0
     retries: int = 0
+    failovers: int = 0
 
     def mark_down(self, reason: str, error: str | None) -> bool:
         """Record a failure; True when this changed the node from up to down."""

@@ -86,6 +86,7 @@ class ReplicaRouter:
 
     __slots__ = (
         "__weakref__",
+        "_background",
         "_fallback_cap",
         "_fallback_in_flight",
         "_health",
@@ -146,10 +147,15 @@ class ReplicaRouter:
         self._fallback_in_flight = 0
         connect_args = dict(engine_options.get("connect_args", {}))
         self._health = HealthChecker(
-            self.primary, self.replicas, self.settings, connect_args=connect_args
+            self.primary,
+            self.replicas,
+            self.settings,
+            connect_args=connect_args,
+            on_primary_demoted=self._primary_demoted,
         )
         self._started = False
         self._isolated: dict[str, async_sessionmaker[AsyncSession]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         from .fastapi import (
             make_dependencies,
         )  # fastapi is a dependency; keep it out of import time
@@ -424,7 +430,11 @@ class ReplicaRouter:
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.primary.state.retries += 1
-                    return await self._enter(self.primary, maker)
+                    session = await self._enter(self.primary, maker)
+                    if not self.primary.state.up:  # a working connection proves it
+                        self.primary.state.up = True
+                        logger.info("primary %s is reachable again", self.primary.name)
+                    return session
         except _CheckoutFailed as exc:
             raise PrimaryUnavailableError(
                 f"the primary is unreachable ({type(exc.error).__name__})",
@@ -481,12 +491,19 @@ class ReplicaRouter:
         node = self.primary
         node.state.sessions += 1
         try:
-            yield session
-            # Flush first: a failure there is certain (nothing committed).
-            await session.flush()
+            try:
+                yield session
+                # Flush first: a failure there is certain (nothing committed).
+                await session.flush()
+            except Exception as exc:
+                if classify(exc) is ErrorKind.READ_ONLY:
+                    self._primary_demoted("a write on the primary failed with 25006 (read-only)")
+                raise
             try:
                 await session.commit()
             except Exception as exc:
+                if classify(exc) is ErrorKind.READ_ONLY:
+                    self._primary_demoted("COMMIT on the primary failed with 25006 (read-only)")
                 if is_connection_error(exc):
                     node.state.mark_down("down: connection lost during COMMIT", type(exc).__name__)
                     raise CommitOutcomeUnknownError(
@@ -498,6 +515,16 @@ class ReplicaRouter:
             self._leave(node, False)
             await _close_quietly(session)
 
+    def _primary_demoted(self, why: str) -> None:
+        """The primary turned read-only: drain its pool so new connections find the
+        writable host (a multi-host URL with ``target_session_attrs=read-write``)."""
+        state = self.primary.state
+        state.failovers += 1
+        logger.warning("primary %s is read-only (%s); draining its pool", self.primary.name, why)
+        task = asyncio.get_running_loop().create_task(self._dispose(self.primary))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _writer_maker(self, level: IsolationLevel | None) -> async_sessionmaker[AsyncSession]:
         maker = self.primary.sessionmaker
         if level is None:
@@ -505,7 +532,8 @@ class ReplicaRouter:
         cached = self._isolated.get(level)
         if cached is None:
             engine = self.primary.engine.execution_options(isolation_level=level)
-            cached = self._isolated[level] = async_sessionmaker(engine, **maker.kw)
+            options = {k: v for k, v in maker.kw.items() if k != "bind"}
+            cached = self._isolated[level] = async_sessionmaker(engine, **options)
         return cached
 
     async def run_read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -644,6 +672,7 @@ def _node_status(node: Node) -> NodeStatus:
         checkout_failures=s.checkout_failures,
         ejections=s.ejections,
         retries=s.retries,
+        failovers=s.failovers,
         weight=node.weight,
     )
 

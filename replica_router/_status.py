@@ -33,6 +33,7 @@ class NodeStatus:
     checkout_failures: int
     ejections: int
     retries: int
+    failovers: int
     weight: float
 
 

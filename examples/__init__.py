@@ -1,0 +1,1 @@
+"""Runnable example apps that use replica-router as a user would."""

@@ -1,0 +1,88 @@
+"""``/metrics`` for Prometheus, when ``prometheus-client`` is installed (the ``metrics`` extra).
+
+Each node of the router becomes a set of gauges and counters labelled by node name
+and role, read from ``router.status()`` at scrape time (so nothing is counted twice
+and nothing runs between scrapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from replica_router import ReplicaRouter
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+
+def mount_metrics(app: FastAPI, router: ReplicaRouter | None = None) -> None:
+    """Serve Prometheus metrics at ``/metrics``; does nothing without prometheus-client."""
+    try:
+        from prometheus_client import CollectorRegistry, ProcessCollector, make_asgi_app
+        from prometheus_client.registry import Collector
+    except ImportError:
+        return
+
+    # One registry per app: building a second app (tests) must not clash with the first.
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    if router is not None:
+        watched = router
+
+        class RouterCollector(Collector):
+            def collect(self) -> Iterator[Metric]:
+                return _router_metrics(watched)
+
+        registry.register(RouterCollector())
+    app.mount("/metrics", make_asgi_app(registry))
+
+
+def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
+    """Every node's state, read from ``router.status()``."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["node", "role"]
+    healthy = GaugeMetricFamily(
+        "replica_router_node_healthy", "1 if the node may serve its role now", labels=labels
+    )
+    lag_seconds = GaugeMetricFamily(
+        "replica_router_replica_lag_seconds", "replay lag of a replica, seconds", labels=labels
+    )
+    lag_bytes = GaugeMetricFamily(
+        "replica_router_replica_lag_bytes", "replay lag of a replica, bytes", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        "replica_router_node_in_flight", "sessions open on the node now", labels=labels
+    )
+    sessions = CounterMetricFamily(
+        "replica_router_node_sessions", "sessions handed out on the node", labels=labels
+    )
+    failures = CounterMetricFamily(
+        "replica_router_node_checkout_failures",
+        "failed attempts to get a working connection",
+        labels=labels,
+    )
+    ejections = CounterMetricFamily(
+        "replica_router_node_ejections", "times the node was marked down", labels=labels
+    )
+    status = router.status()
+    for node in status.nodes:
+        key = [node.name, node.role]
+        healthy.add_metric(key, 1.0 if node.healthy else 0.0)
+        if node.lag_seconds is not None:
+            lag_seconds.add_metric(key, node.lag_seconds)
+        if node.lag_bytes is not None:
+            lag_bytes.add_metric(key, node.lag_bytes)
+        in_flight.add_metric(key, node.in_flight)
+        sessions.add_metric(key, node.sessions)
+        failures.add_metric(key, node.checkout_failures)
+        ejections.add_metric(key, node.ejections)
+    fallback = GaugeMetricFamily(
+        "replica_router_fallback_in_flight", "reads served by the primary as a fallback now"
+    )
+    fallback.add_metric([], status.fallback_in_flight)
+    yield from (healthy, lag_seconds, lag_bytes, in_flight, sessions, failures, ejections)
+    yield fallback
