@@ -109,7 +109,7 @@ def _url(value: Any) -> Any:
 # No environment variable name can contain NUL, so this prefix reads none.
 _NO_ENV = "\x00"
 # Fields whose input is a secret: their errors never show the input.
-_SECRET_FIELDS = frozenset({"primary_url", "replica_urls", "lsn_secret"})
+_SECRET_FIELDS = frozenset({"primary_url", "replica_urls"})
 
 
 class RouterSettings(BaseSettings):
@@ -179,15 +179,12 @@ class RouterSettings(BaseSettings):
         default="round_robin",
         description="how reads are spread: round_robin, random, least_in_flight or weighted",
     )
-    read_your_writes: Literal["off", "request", "lsn"] = Field(
+    read_your_writes: Literal["off"] = Field(
         default="off",
         description=(
-            "off, request (after a write, that request reads from the primary) or lsn "
-            "(by WAL position, across requests)"
+            "off; the request and lsn modes are not built yet, and are refused rather "
+            "than silently ignored"
         ),
-    )
-    lsn_secret: str | None = Field(
-        default=None, description="a secret to sign read-your-writes tokens with (HMAC)"
     )
     pool_size: int = Field(default=10, ge=1, description="connections kept open per node, >= 1")
     max_overflow: int = Field(
@@ -247,11 +244,6 @@ class RouterSettings(BaseSettings):
         Errors name the parameter (``pool_size``) rather than a variable.
         """
         return cls(_env_prefix=_NO_ENV, _env_file=None, **values)
-
-    def __repr_args__(self) -> Any:
-        # URLs repr masked (sqlalchemy's URL.__repr__ hides the password); the secret never.
-        for key, value in super().__repr_args__():
-            yield key, ("***" if key == "lsn_secret" and value is not None else value)
 
 
 def _configuration_error(exc: ValidationError, prefix: str) -> ConfigurationError:

@@ -126,9 +126,12 @@ async def test_all_replicas_stopped_fallback_guard_and_503(
 ) -> None:
     for node in replica_cluster.replicas:
         replica_cluster.stop_node(node)
-    async with ReplicaRouter(
-        replica_cluster.primary_url, replica_cluster.replica_urls, settings=settings()
-    ) as router, router.reader_session() as db:
+    async with (
+        ReplicaRouter(
+            replica_cluster.primary_url, replica_cluster.replica_urls, settings=settings()
+        ) as router,
+        router.reader_session() as db,
+    ):
         assert (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one() is False
 
     # With the fallback off: 503 with Retry-After, before the endpoint runs.
