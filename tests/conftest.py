@@ -19,9 +19,17 @@ def _leftover_servers() -> list[str]:
     ]
 
 
+_BEFORE: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Servers of another suite running on the same machine are not ours to report.
+    _BEFORE.update(_leftover_servers())
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Session fixtures (the cluster) are torn down by now: nothing may be left running.
-    leftovers = _leftover_servers()
+    leftovers = [line for line in _leftover_servers() if line not in _BEFORE]
     if leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         print("\nPostgreSQL servers left running by the suite:\n  " + "\n  ".join(leftovers))
