@@ -21,8 +21,8 @@ from sqlalchemy import DateTime, String, Text, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from examples.notes.metrics import mount_metrics
 from replica_router import ReplicaRouter
+from replica_router.metrics import mount_metrics
 
 
 class Base(DeclarativeBase):

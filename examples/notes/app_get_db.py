@@ -21,7 +21,7 @@ from sqlalchemy import DateTime, String, Text, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from examples.notes.metrics import mount_metrics
+from replica_router.metrics import mount_metrics
 
 
 class Base(DeclarativeBase):

@@ -1,8 +1,14 @@
-"""``/metrics`` for Prometheus, when ``prometheus-client`` is installed (the ``metrics`` extra).
+"""Prometheus metrics, with the ``metrics`` extra (``prometheus-client``).
 
 Each node of the router becomes a set of gauges and counters labelled by node name
-and role, read from ``router.status()`` at scrape time (so nothing is counted twice
-and nothing runs between scrapes).
+and role, read from ``router.status()`` at scrape time: nothing is added to the
+request path, and nothing runs between scrapes.
+
+Example::
+
+    from replica_router.metrics import mount_metrics
+
+    mount_metrics(app, router)  # serves /metrics/
 """
 
 from __future__ import annotations
@@ -12,14 +18,19 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from replica_router import ReplicaRouter
-
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from replica_router import ReplicaRouter
 
-def mount_metrics(app: FastAPI, router: ReplicaRouter | None = None) -> None:
-    """Serve Prometheus metrics at ``/metrics``; does nothing without prometheus-client."""
+
+__all__ = ["mount_metrics"]
+
+
+def mount_metrics(
+    app: FastAPI, router: ReplicaRouter | None = None, path: str = "/metrics"
+) -> None:
+    """Serve Prometheus metrics at ``path``; does nothing without prometheus-client."""
     try:
         from prometheus_client import CollectorRegistry, ProcessCollector, make_asgi_app
         from prometheus_client.registry import Collector
@@ -37,7 +48,7 @@ def mount_metrics(app: FastAPI, router: ReplicaRouter | None = None) -> None:
                 return _router_metrics(watched)
 
         registry.register(RouterCollector())
-    app.mount("/metrics", make_asgi_app(registry))
+    app.mount(path, make_asgi_app(registry))
 
 
 def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
@@ -68,6 +79,12 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
     ejections = CounterMetricFamily(
         "replica_router_node_ejections", "times the node was marked down", labels=labels
     )
+    retries = CounterMetricFamily(
+        "replica_router_node_retries", "checkouts and units of work retried", labels=labels
+    )
+    failovers = CounterMetricFamily(
+        "replica_router_node_failovers", "times the primary was found read-only", labels=labels
+    )
     status = router.status()
     for node in status.nodes:
         key = [node.name, node.role]
@@ -80,9 +97,12 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
         sessions.add_metric(key, node.sessions)
         failures.add_metric(key, node.checkout_failures)
         ejections.add_metric(key, node.ejections)
+        retries.add_metric(key, node.retries)
+        failovers.add_metric(key, node.failovers)
     fallback = GaugeMetricFamily(
         "replica_router_fallback_in_flight", "reads served by the primary as a fallback now"
     )
     fallback.add_metric([], status.fallback_in_flight)
     yield from (healthy, lag_seconds, lag_bytes, in_flight, sessions, failures, ejections)
+    yield from (retries, failovers)
     yield fallback
