@@ -390,20 +390,36 @@ class ReplicaRouter:
                     update_eligibility(self.replicas, self.settings)
 
     async def _checkout_reader(self, tried: list[Node]) -> tuple[AsyncSession, Node]:
-        attempts = self.settings.checkout_attempts + len(self.replicas)
+        async def attempt(number: int) -> tuple[AsyncSession, Node]:
+            node = self._pick_reader(tried)
+            tried.append(node)
+            if number > 1:
+                node.state.retries += 1
+            return await self._enter(node, node.reader_sessionmaker), node
+
         try:
-            async for attempt in self._retrying(attempts):
-                with attempt:
-                    node = self._pick_reader(tried)
-                    tried.append(node)
-                    if attempt.retry_state.attempt_number > 1:
-                        node.state.retries += 1
-                    return await self._enter(node, node.reader_sessionmaker), node
+            return await self._with_retries(
+                attempt, self.settings.checkout_attempts + len(self.replicas)
+            )
         except _CheckoutFailed as exc:
             raise NoHealthyReplicaError(
                 f"no node could serve a read (last: {exc.node.name}, {type(exc.error).__name__})",
                 retry_after=self.settings.health_interval,
             ) from exc.error
+
+    async def _with_retries(self, attempt: Callable[[int], Awaitable[T]], attempts: int) -> T:
+        """Run ``attempt(1)``; if it fails with ``_CheckoutFailed``, retry it with tenacity.
+
+        The first attempt skips tenacity entirely: the common path allocates nothing.
+        """
+        try:
+            return await attempt(1)
+        except _CheckoutFailed:
+            if attempts <= 1:
+                raise
+        async for retry in self._retrying(attempts - 1):
+            with retry:
+                return await attempt(retry.retry_state.attempt_number + 1)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _enter(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
@@ -425,22 +441,24 @@ class ReplicaRouter:
             self._fallback_in_flight -= 1
 
     async def _checkout_writer(self, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
+        primary = self.primary
+
+        async def attempt(number: int) -> AsyncSession:
+            if number > 1:
+                primary.state.retries += 1
+            session = await self._enter(primary, maker)
+            if not primary.state.up:  # a working connection proves it
+                primary.state.up = True
+                logger.info("primary %s is reachable again", primary.name)
+            return session
+
         try:
-            async for attempt in self._retrying(self.settings.checkout_attempts):
-                with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        self.primary.state.retries += 1
-                    session = await self._enter(self.primary, maker)
-                    if not self.primary.state.up:  # a working connection proves it
-                        self.primary.state.up = True
-                        logger.info("primary %s is reachable again", self.primary.name)
-                    return session
+            return await self._with_retries(attempt, self.settings.checkout_attempts)
         except _CheckoutFailed as exc:
             raise PrimaryUnavailableError(
                 f"the primary is unreachable ({type(exc.error).__name__})",
                 retry_after=self.settings.health_interval,
             ) from exc.error
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def reader_session(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A read-only session on a fit replica (or the primary, see fallback).
