@@ -1,0 +1,404 @@
+"""The ``replica-router`` command: ``check`` a configuration, run the ``demo``.
+
+``replica-router check`` reads the same ``REPLICA_ROUTER_*`` settings as the app,
+connects to every node and prints a table: node, URL (password masked),
+reachable, in recovery, lag behind the primary, server version. It exits 0 when
+every node is reachable and in the role it is configured as, 1 otherwise, and 2
+when the settings are invalid. ``--json`` prints the same as JSON.
+
+``replica-router demo`` starts a local primary and replicas, an example app and
+live traffic, injects faults and shows the router reacting (see ``--help``).
+
+Example::
+
+    $ export REPLICA_ROUTER_PRIMARY_URL=postgresql://app:secret@db-rw:5432/app
+    $ export REPLICA_ROUTER_REPLICA_URLS=postgresql://app:secret@db-ro:5432/app
+    $ replica-router check
+    $ replica-router check --json | jq .ok
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+from ._exceptions import ConfigurationError
+from ._health import _describe
+from ._nodes import Role, mask_url
+from ._settings import ENV_PREFIX, RouterSettings, split_replica_options
+
+__all__ = ["CheckResult", "NodeCheck", "check", "main"]
+
+# Exit statuses of ``check``.
+CHECK_OK = 0
+CHECK_FAILED = 1
+BAD_SETTINGS = 2
+
+_CHECK_SQL = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+             ELSE pg_current_wal_lsn() END)::text AS lsn,
+       current_setting('server_version') AS server_version,
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END AS replay_paused,
+       CASE WHEN pg_is_in_recovery()
+            THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+       END AS replay_age
+"""
+# Keys of SQLAlchemy's asyncpg adapter that asyncpg.connect() does not take.
+_ADAPTER_KEYS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+)
+
+
+@dataclass(slots=True)
+class NodeCheck:
+    """What ``check`` found out about one node.
+
+    ``lag_bytes`` is ``pg_wal_lsn_diff(primary's pg_current_wal_lsn(), replica's
+    pg_last_wal_replay_lsn())``, at least 0. ``lag_seconds`` is 0 for a replica that
+    has replayed everything, else the time since it last replayed a transaction.
+    """
+
+    name: str
+    role: str
+    url: str
+    reachable: bool = False
+    in_recovery: bool | None = None
+    server_role: str | None = None
+    replay_paused: bool | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    server_version: str | None = None
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """Every node, primary first; ``ok`` when all are reachable and in their roles."""
+
+    nodes: list[NodeCheck]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(not node.problems for node in self.nodes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (URLs masked)."""
+        return {"ok": self.ok, "nodes": [asdict(node) for node in self.nodes], "notes": self.notes}
+
+
+def _lsn(text: str | None) -> int | None:
+    if not text:
+        return None
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def _masked(url: URL) -> str:
+    if "password" in url.query:
+        url = url.update_query_dict({"password": "***"})
+    return mask_url(url)
+
+
+def _connect_kwargs(url: URL, timeout: float) -> tuple[list[Any], dict[str, Any]]:
+    """asyncpg.connect() arguments for a URL, as the router's engines would build them."""
+    dialect = url.set(drivername="postgresql+asyncpg").get_dialect()()
+    cargs, cparams = dialect.create_connect_args(url)
+    params = dict(cparams)
+    for key in _ADAPTER_KEYS:
+        params.pop(key, None)
+    params["timeout"] = timeout
+    params["server_settings"] = {"application_name": "replica-router-check"}
+    return list(cargs), params
+
+
+async def _connect(url: URL, seconds: float) -> Any:
+    cargs, params = _connect_kwargs(url, seconds)
+    # asyncpg's own timeout covers one connection attempt; this bounds the whole.
+    return await asyncio.wait_for(asyncpg.connect(*cargs, **params), seconds * 2)
+
+
+async def _close(conn: Any, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), seconds)
+    except Exception:
+        conn.terminate()
+
+
+async def _probe(node: NodeCheck, conn: Any, seconds: float) -> int | None:
+    """Query one connected node; return its WAL position (replay position on a replica)."""
+    try:
+        row = await asyncio.wait_for(conn.fetchrow(_CHECK_SQL), seconds)
+    except Exception as exc:
+        node.reachable = False
+        node.error = _describe(exc)
+        return None
+    node.reachable = True
+    node.in_recovery = bool(row["in_recovery"])
+    node.server_role = "replica" if node.in_recovery else "primary"
+    node.server_version = str(row["server_version"])
+    node.replay_paused = row["replay_paused"]
+    if row["replay_age"] is not None:
+        node.lag_seconds = float(row["replay_age"])
+    return _lsn(row["lsn"])
+
+
+async def check(settings: RouterSettings, *, connect_timeout: float | None = None) -> CheckResult:
+    """Connect to every configured node and report reachability, role and lag.
+
+    Args:
+        settings: the router's settings; ``primary_url`` must be set.
+        connect_timeout: seconds for each connection and query (default: the
+            settings' ``connect_timeout``).
+
+    Returns:
+        One entry per node, the primary first; every connection is closed.
+    """
+    if settings.primary_url is None:
+        raise ConfigurationError("primary_url is not set")
+    seconds = connect_timeout if connect_timeout is not None else settings.connect_timeout
+    targets: list[tuple[NodeCheck, URL]] = [
+        (
+            NodeCheck("primary", Role.PRIMARY.value, _masked(settings.primary_url)),
+            settings.primary_url,
+        )
+    ]
+    for index, raw in enumerate(settings.replica_urls, start=1):
+        url, name, _ = split_replica_options(raw, what=f"replica {index}")
+        targets.append(
+            (NodeCheck(name or f"replica-{index}", Role.REPLICA.value, _masked(url)), url)
+        )
+    result = CheckResult([node for node, _ in targets])
+
+    async def connect(node: NodeCheck, url: URL) -> Any:
+        try:
+            return await _connect(url, seconds)
+        except Exception as exc:
+            node.error = _describe(exc)
+            return None
+
+    connections = await asyncio.gather(*(connect(node, url) for node, url in targets))
+    try:
+        positions: list[int | None] = [None] * len(targets)
+        # The primary first: replicas measured after it are never shown ahead of it.
+        if connections[0] is not None:
+            positions[0] = await _probe(result.nodes[0], connections[0], seconds)
+        replica_positions = await asyncio.gather(
+            *(
+                _probe(node, conn, seconds)
+                for (node, _), conn in zip(targets[1:], connections[1:], strict=True)
+                if conn is not None
+            )
+        )
+        probed = iter(replica_positions)
+        for index, conn in enumerate(connections[1:], start=1):
+            if conn is not None:
+                positions[index] = next(probed)
+    finally:
+        await asyncio.gather(*(_close(c, seconds) for c in connections if c is not None))
+
+    primary_lsn = positions[0] if result.nodes[0].server_role == "primary" else None
+    for node, position in zip(result.nodes, positions, strict=True):
+        if node.role == Role.PRIMARY.value:
+            if node.reachable and node.in_recovery:
+                node.problems.append("configured as the primary but in recovery (a replica)")
+        else:
+            if node.reachable and not node.in_recovery:
+                node.problems.append("configured as a replica but not in recovery (a primary)")
+            if node.in_recovery and primary_lsn is not None and position is not None:
+                node.lag_bytes = max(0, primary_lsn - position)
+                if node.lag_bytes == 0:
+                    node.lag_seconds = 0.0
+            else:
+                node.lag_seconds = None
+            if node.lag_bytes is not None and node.lag_bytes > settings.max_lag_bytes:
+                result.notes.append(
+                    f"{node.name} is {node.lag_bytes} bytes behind (max_lag_bytes is "
+                    f"{settings.max_lag_bytes}): the router would send it no reads"
+                )
+            if node.replay_paused:
+                result.notes.append(f"{node.name}: WAL replay is paused")
+        if not node.reachable:
+            node.problems.insert(0, f"unreachable: {node.error or 'no answer'}")
+    return result
+
+
+def _yes_no(value: bool | None, yes: str = "yes", no: str = "no") -> str:
+    return "-" if value is None else (yes if value else no)
+
+
+def format_table(result: CheckResult) -> str:
+    """The check's result as a plain text table, then its problems and notes."""
+    header = ["node", "url", "reachable", "in recovery", "lag", "version"]
+    rows = [header]
+    for node in result.nodes:
+        if node.lag_bytes is None:
+            lag = "-"
+        else:
+            seconds = "?" if node.lag_seconds is None else f"{node.lag_seconds:.1f} s"
+            lag = f"{node.lag_bytes} B / {seconds}"
+        in_recovery = "-"
+        if node.in_recovery is not None:
+            in_recovery = f"{_yes_no(node.in_recovery)} ({node.server_role})"
+        rows.append(
+            [
+                node.name,
+                node.url,
+                _yes_no(node.reachable),
+                in_recovery,
+                lag,
+                node.server_version or "-",
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    for node in result.nodes:
+        lines.extend(f"problem: {node.name}: {problem}" for problem in node.problems)
+    lines.extend(f"note: {note}" for note in result.notes)
+    if result.ok:
+        lines.append(f"ok: {len(result.nodes)} nodes reachable and in their configured roles")
+    else:
+        failed = sum(1 for node in result.nodes if node.problems)
+        lines.append(f"failed: {failed} of {len(result.nodes)} nodes have problems")
+    return "\n".join(lines)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    prefix: str = args.env_prefix
+    try:
+        settings = RouterSettings(_env_prefix=prefix)
+        if settings.primary_url is None:
+            raise ConfigurationError(
+                f"{prefix}PRIMARY_URL is not set; expected the primary's URL, "
+                "like postgresql+asyncpg://user:password@host:5432/database"
+            )
+    except ConfigurationError as exc:
+        print(f"replica-router check: {exc}", file=sys.stderr)
+        return BAD_SETTINGS
+    result = asyncio.run(check(settings, connect_timeout=args.timeout))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_table(result))
+    return CHECK_OK if result.ok else CHECK_FAILED
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(duration=args.duration, replicas=args.replicas)
+
+
+def _positive(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 2 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"expected 2 to 5 replicas, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``replica-router``."""
+    parser = argparse.ArgumentParser(
+        prog="replica-router",
+        description="Read/write splitting for FastAPI and SQLAlchemy on PostgreSQL replicas.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check_parser = commands.add_parser(
+        "check",
+        help="connect to every configured node and report role and lag",
+        description=(
+            "Read the REPLICA_ROUTER_* settings (and .env) as the app does, connect to "
+            "every node and print node, masked URL, reachable, in recovery, lag and server "
+            "version. Exit status: 0 all reachable and in their configured roles, 1 not, "
+            "2 invalid settings."
+        ),
+    )
+    check_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check_parser.add_argument(
+        "--env-prefix",
+        default=ENV_PREFIX,
+        metavar="PREFIX",
+        help=f"prefix of the settings' environment variables (default {ENV_PREFIX})",
+    )
+    check_parser.add_argument(
+        "--timeout",
+        type=_positive(0.1),
+        default=None,
+        metavar="SECONDS",
+        help="seconds to connect to and query each node (default: the connect_timeout setting)",
+    )
+    check_parser.set_defaults(handler=_run_check)
+    demo_parser = commands.add_parser(
+        "demo",
+        help="a local cluster, an example app, live traffic and faults",
+        description=(
+            "Start a local primary and replicas, serve an example app over replica-router, "
+            "send it traffic and inject faults (replay paused, a replica killed and started "
+            "again), showing where reads and writes go. Exit status 0 when the router "
+            "handled every fault as expected."
+        ),
+    )
+    demo_parser.add_argument(
+        "--duration",
+        type=_positive(10.0),
+        default=45.0,
+        metavar="SECONDS",
+        help="seconds of traffic and faults, at least 10 (default 45; start-up comes on top)",
+    )
+    demo_parser.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=2,
+        metavar="N",
+        help="streaming replicas to start, 2 to 5 (default 2)",
+    )
+    demo_parser.set_defaults(handler=_run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``replica-router`` command line.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status.
+    """
+    args = build_parser().parse_args(argv)
+    status: int = args.handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
