@@ -1,0 +1,1 @@
+"""Benchmarks of replica-router: ``python -m benchmarks [--quick] [--only NAME] [--out DIR]``."""

@@ -1,0 +1,131 @@
+"""The app the benchmarks serve with uvicorn; the database path is chosen by environment.
+
+``BENCH_VARIANT=get_db``: the hand-written dependency of every FastAPI tutorial, one
+engine for reads (``BENCH_READ_URL``) and one for writes (``BENCH_WRITE_URL``).
+
+``BENCH_VARIANT=router``: ``ReplicaRouter.from_env()`` (``REPLICA_ROUTER_*``) with
+``Depends(router.reader)`` / ``Depends(router.writer)``.
+
+Routes: ``GET /items/{id}`` (ORM primary-key read), ``POST /items[?k=key]`` (insert),
+``GET /slow/items/{id}`` (calls ``bench_slow(port)`` first, which sleeps on one
+replica only), ``GET /rr/items/{id}`` (``router.run_read``, router only),
+``GET /ready``, and with the router ``/health/nodes``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the annotations, which
+# name local dependencies, at run time.
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from sqlalchemy import String, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from replica_router import ReplicaRouter
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    k: Mapped[str] = mapped_column(String(64), unique=True)
+    v: Mapped[str] = mapped_column(String(200))
+
+
+VARIANT = os.environ.get("BENCH_VARIANT", "get_db")
+SLOW_PORT = int(os.environ.get("BENCH_SLOW_PORT", "0"))
+POOL = {"pool_size": 10, "max_overflow": 10}
+
+
+def _row(item: Item | None) -> dict[str, Any]:
+    if item is None:
+        raise HTTPException(404, "no such item")
+    return {"id": item.id, "k": item.k, "v": item.v}
+
+
+def _key(k: str | None) -> str:
+    return k or uuid.uuid4().hex
+
+
+def _get_db_app() -> FastAPI:
+    read_engine = create_async_engine(os.environ["BENCH_READ_URL"], **POOL)
+    write_engine = create_async_engine(os.environ["BENCH_WRITE_URL"], **POOL)
+    ReadSession = async_sessionmaker(read_engine, expire_on_commit=False)
+    WriteSession = async_sessionmaker(write_engine, expire_on_commit=False)
+
+    async def get_read_db() -> AsyncIterator[AsyncSession]:
+        async with ReadSession() as session:
+            yield session
+
+    async def get_write_db() -> AsyncIterator[AsyncSession]:
+        async with WriteSession() as session:
+            yield session
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await read_engine.dispose()
+        await write_engine.dispose()
+
+    app = FastAPI(lifespan=lifespan)
+    Writer = Annotated[AsyncSession, Depends(get_write_db)]
+
+    @app.post("/items")
+    async def create(db: Writer, k: str | None = None) -> dict[str, Any]:
+        item = Item(k=_key(k), v="w")
+        db.add(item)
+        await db.commit()  # the tutorial way: commit in the endpoint
+        return {"id": item.id}
+
+    _add_reads(app, get_read_db)
+    return app
+
+
+def _router_app() -> FastAPI:
+    router = ReplicaRouter.from_env(env_file=None, engine_options=POOL)
+    app = FastAPI(lifespan=router.lifespan)
+    Writer = Annotated[AsyncSession, Depends(router.writer)]
+
+    @app.post("/items")
+    async def create(db: Writer, k: str | None = None) -> dict[str, Any]:
+        item = Item(k=_key(k), v="w")
+        db.add(item)
+        await db.flush()  # the writer commits before the response is sent
+        return {"id": item.id}
+
+    @app.get("/rr/items/{item_id}")
+    async def read_rr(item_id: int) -> dict[str, Any]:
+        return _row(await router.run_read(lambda s: s.get(Item, item_id)))
+
+    app.include_router(router.health_routes())
+    _add_reads(app, router.reader)
+    return app
+
+
+def _add_reads(app: FastAPI, reader: Callable[..., Any]) -> None:
+    @app.get("/items/{item_id}")
+    async def read(item_id: int, db: Annotated[AsyncSession, Depends(reader)]) -> dict[str, Any]:
+        return _row(await db.get(Item, item_id))
+
+    @app.get("/slow/items/{item_id}")
+    async def read_slow(
+        item_id: int, db: Annotated[AsyncSession, Depends(reader)]
+    ) -> dict[str, Any]:
+        await db.execute(text("SELECT bench_slow(:p)"), {"p": SLOW_PORT})
+        return _row(await db.get(Item, item_id))
+
+    @app.get("/ready")
+    async def ready() -> dict[str, str]:
+        return {"variant": VARIANT}
+
+
+_BUILDERS: dict[str, Callable[[], FastAPI]] = {"get_db": _get_db_app, "router": _router_app}
+app = _BUILDERS[VARIANT]()
