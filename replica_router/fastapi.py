@@ -48,23 +48,20 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, Sessi
     They are stable objects: ``app.dependency_overrides[router.reader]`` works.
     """
 
-    async def writer_scope() -> AsyncIterator[AsyncSession]:
-        context = router.writer_session()
-        try:
-            session = await context.__aenter__()
-        except NoHealthyNodeError as exc:
-            raise _unavailable(exc) from exc
-        async with _entered(context):
-            yield session
+    def scope(open_session: Callable[[], Any]) -> Callable[[], AsyncIterator[AsyncSession]]:
+        async def session_scope() -> AsyncIterator[AsyncSession]:
+            context = open_session()
+            try:
+                session = await context.__aenter__()
+            except NoHealthyNodeError as exc:
+                raise _unavailable(exc) from exc
+            async with _entered(context):
+                yield session
 
-    async def reader_scope() -> AsyncIterator[AsyncSession]:
-        context = router.reader_session()
-        try:
-            session = await context.__aenter__()
-        except NoHealthyNodeError as exc:
-            raise _unavailable(exc) from exc
-        async with _entered(context):
-            yield session
+        return session_scope
+
+    writer_scope = scope(router.writer_session)
+    reader_scope = scope(router.reader_session)
 
     async def writer(
         session: Annotated[AsyncSession, Depends(writer_scope, scope="function")],
