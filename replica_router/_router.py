@@ -24,6 +24,7 @@ from tenacity import (
 from ._exceptions import (
     CommitOutcomeUnknownError,
     ConfigurationError,
+    NoHealthyNodeError,
     NoHealthyReplicaError,
     PrimaryUnavailableError,
     RetryExhaustedError,
@@ -293,15 +294,13 @@ class ReplicaRouter:
     def _fit_replicas(self) -> list[Node]:
         fit: list[Node] = []
         slow: list[Node] = []
-        checking = self._health.running
-        now = time.monotonic()
         for node in self.replicas:
             state = node.state
             if not state.up:
                 # Without probes nobody would readmit it: retry after one interval.
-                if checking or state.down_since is None:
+                if self._health.running or state.down_since is None:
                     continue
-                if now - state.down_since < self.settings.health_interval:
+                if time.monotonic() - state.down_since < self.settings.health_interval:
                     continue
             if state.in_recovery is False or state.lagging:
                 continue
@@ -335,6 +334,11 @@ class ReplicaRouter:
 
     # -- sessions --------------------------------------------------------------------
 
+    def _backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt``: full jitter, capped."""
+        s = self.settings
+        return random.uniform(0, min(s.retry_backoff_max, s.retry_backoff * 2 ** (attempt - 1)))
+
     def _retrying(self, attempts: int) -> AsyncRetrying:
         s = self.settings
 
@@ -344,8 +348,7 @@ class ReplicaRouter:
             error = outcome.exception() if outcome is not None else None
             if isinstance(error, _CheckoutFailed) and error.node.role is Role.REPLICA:
                 return 0.0
-            ceiling = min(s.retry_backoff_max, s.retry_backoff * 2 ** (state.attempt_number - 1))
-            return random.uniform(0, ceiling)
+            return self._backoff(state.attempt_number)
 
         return AsyncRetrying(
             stop=stop_after_attempt(attempts) | stop_after_delay(s.checkout_timeout),
@@ -423,21 +426,22 @@ class ReplicaRouter:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _enter(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
-        fallback = (
-            node.role is Role.PRIMARY and bool(self.replicas) and maker is node.reader_sessionmaker
-        )
         node.state.in_flight += 1
-        if fallback:
+        if self._is_fallback(node, maker):
             self._fallback_in_flight += 1
         try:
             return await self._open(node, maker)
         except BaseException:
-            self._leave(node, fallback)
+            self._leave(node, maker)
             raise
 
-    def _leave(self, node: Node, fallback: bool) -> None:
+    def _is_fallback(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> bool:
+        """A read on the primary while replicas are configured: counted against the cap."""
+        return node is self.primary and bool(self.replicas) and maker is node.reader_sessionmaker
+
+    def _leave(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> None:
         node.state.in_flight -= 1
-        if fallback:
+        if self._is_fallback(node, maker):
             self._fallback_in_flight -= 1
 
     async def _checkout_writer(self, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
@@ -474,7 +478,6 @@ class ReplicaRouter:
     @asynccontextmanager
     async def _reader(self, tried: list[Node]) -> AsyncIterator[AsyncSession]:
         session, node = await self._checkout_reader(tried)
-        fallback = node.role is Role.PRIMARY and bool(self.replicas)
         node.state.sessions += 1
         try:
             yield session
@@ -485,7 +488,7 @@ class ReplicaRouter:
                     self._note_failure(node, exc, kind)
             raise
         finally:
-            self._leave(node, fallback)
+            self._leave(node, node.reader_sessionmaker)
             await _close_quietly(session)
 
     @asynccontextmanager
@@ -505,7 +508,8 @@ class ReplicaRouter:
             PrimaryUnavailableError: no working connection to the primary.
             CommitOutcomeUnknownError: COMMIT was sent and its answer lost.
         """
-        session = await self._checkout_writer(self._writer_maker(isolation_level))
+        maker = self._writer_maker(isolation_level)
+        session = await self._checkout_writer(maker)
         node = self.primary
         node.state.sessions += 1
         try:
@@ -520,9 +524,10 @@ class ReplicaRouter:
             try:
                 await session.commit()
             except Exception as exc:
-                if classify(exc) is ErrorKind.READ_ONLY:
+                kind = classify(exc)
+                if kind is ErrorKind.READ_ONLY:
                     self._primary_demoted("COMMIT on the primary failed with 25006 (read-only)")
-                if is_connection_error(exc):
+                if kind in NODE_DOWN:
                     node.state.mark_down("down: connection lost during COMMIT", type(exc).__name__)
                     raise CommitOutcomeUnknownError(
                         "the connection to the primary was lost during COMMIT; the "
@@ -530,7 +535,7 @@ class ReplicaRouter:
                     ) from exc
                 raise
         finally:
-            self._leave(node, False)
+            self._leave(node, maker)
             await _close_quietly(session)
 
     def _primary_demoted(self, why: str) -> None:
@@ -572,6 +577,8 @@ class ReplicaRouter:
             try:
                 async with self._reader(tried) as session:
                     return await fn(session)
+            except NoHealthyNodeError:
+                raise  # the checkout already tried every node it could
             except Exception as exc:
                 kind = classify(exc)
                 node = tried[-1] if len(tried) > before else None
@@ -619,12 +626,12 @@ class ReplicaRouter:
             RetryExhaustedError: every attempt failed; ``last_exception`` says why.
         """
         limit = attempts if attempts is not None else self.settings.checkout_attempts + 2
-        s = self.settings
         for attempt in range(1, limit + 1):
             try:
                 async with self.writer_session(isolation_level=isolation_level) as session:
                     return await fn(session)
-            except CommitOutcomeUnknownError:
+            except (CommitOutcomeUnknownError, NoHealthyNodeError):
+                # Unknown outcome: never again. No node: the checkout already retried.
                 raise
             except Exception as exc:
                 kind = classify(exc)
@@ -641,8 +648,7 @@ class ReplicaRouter:
                         attempts=attempt,
                     ) from exc
                 logger.info("transaction rolled back (%s); running it again", kind.value)
-                ceiling = min(s.retry_backoff_max, s.retry_backoff * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, ceiling))
+                await asyncio.sleep(self._backoff(attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- status ----------------------------------------------------------------------
