@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from sqlalchemy.engine import URL
 
 from ._nodes import Node, Role
 from ._settings import RouterSettings
@@ -63,10 +64,13 @@ class ProbeResult:
 Connector = Callable[[Node], Awaitable[Any]]
 
 
-def connect_kwargs(node: Node, connect_args: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """asyncpg.connect() arguments for a node, as its engine would build them."""
-    cargs, cparams = node.engine.dialect.create_connect_args(node.url)
-    params = {**cparams, **connect_args}
+def connect_kwargs(
+    url: URL, connect_args: dict[str, Any] | None = None
+) -> tuple[list[Any], dict[str, Any]]:
+    """asyncpg.connect() arguments for a URL, as the router's engines build them."""
+    dialect = url.set(drivername="postgresql+asyncpg").get_dialect()()
+    cargs, cparams = dialect.create_connect_args(url)
+    params = {**cparams, **(connect_args or {})}
     for key in _ADAPTER_KEYS:
         params.pop(key, None)
     return list(cargs), params
@@ -262,7 +266,7 @@ class HealthChecker:
     async def _query(self, node: Node) -> ProbeResult:
         conn = self._connections.get(node.name)
         if conn is None or conn.is_closed():
-            cargs, params = connect_kwargs(node, self._connect_args)
+            cargs, params = connect_kwargs(node.url, self._connect_args)
             params["timeout"] = self._settings.health_timeout
             params.setdefault("server_settings", {})
             params["server_settings"] = {

@@ -20,7 +20,9 @@ class Role(enum.StrEnum):
 
 
 def mask_url(url: URL) -> str:
-    """The URL as text with its password hidden."""
+    """The URL as text with its password hidden, in the userinfo or the query."""
+    if "password" in url.query:
+        url = url.update_query_dict({"password": "***"})
     return url.render_as_string(hide_password=True)
 
 

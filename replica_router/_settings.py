@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ._exceptions import ConfigurationError
+from ._nodes import mask_url
 
 __all__ = ["ENV_PREFIX", "RouterSettings", "parse_url", "split_replica_options"]
 
@@ -244,6 +245,15 @@ class RouterSettings(BaseSettings):
         Errors name the parameter (``pool_size``) rather than a variable.
         """
         return cls(_env_prefix=_NO_ENV, _env_file=None, **values)
+
+    def __repr_args__(self) -> Any:
+        # URL.__repr__ hides a password in the userinfo, not one in ?password=.
+        for key, value in super().__repr_args__():
+            if isinstance(value, URL):
+                value = mask_url(value)
+            elif isinstance(value, list):
+                value = [mask_url(v) if isinstance(v, URL) else v for v in value]
+            yield key, value
 
 
 def _configuration_error(exc: ValidationError, prefix: str) -> ConfigurationError:

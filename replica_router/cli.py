@@ -31,7 +31,7 @@ import asyncpg
 from sqlalchemy.engine import URL
 
 from ._exceptions import ConfigurationError
-from ._health import _describe
+from ._health import _describe, connect_kwargs
 from ._nodes import Role, mask_url
 from ._settings import ENV_PREFIX, RouterSettings, split_replica_options
 
@@ -52,12 +52,6 @@ SELECT pg_is_in_recovery() AS in_recovery,
             THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
        END AS replay_age
 """
-# Keys of SQLAlchemy's asyncpg adapter that asyncpg.connect() does not take.
-_ADAPTER_KEYS = (
-    "prepared_statement_cache_size",
-    "prepared_statement_name_func",
-    "async_creator_fn",
-)
 
 
 @dataclass(slots=True)
@@ -106,19 +100,9 @@ def _lsn(text: str | None) -> int | None:
     return (int(high, 16) << 32) + int(low, 16)
 
 
-def _masked(url: URL) -> str:
-    if "password" in url.query:
-        url = url.update_query_dict({"password": "***"})
-    return mask_url(url)
-
-
 def _connect_kwargs(url: URL, timeout: float) -> tuple[list[Any], dict[str, Any]]:
     """asyncpg.connect() arguments for a URL, as the router's engines would build them."""
-    dialect = url.set(drivername="postgresql+asyncpg").get_dialect()()
-    cargs, cparams = dialect.create_connect_args(url)
-    params = dict(cparams)
-    for key in _ADAPTER_KEYS:
-        params.pop(key, None)
+    cargs, params = connect_kwargs(url)
     params["timeout"] = timeout
     params["server_settings"] = {"application_name": "replica-router-check"}
     return list(cargs), params
@@ -171,14 +155,14 @@ async def check(settings: RouterSettings, *, connect_timeout: float | None = Non
     seconds = connect_timeout if connect_timeout is not None else settings.connect_timeout
     targets: list[tuple[NodeCheck, URL]] = [
         (
-            NodeCheck("primary", Role.PRIMARY.value, _masked(settings.primary_url)),
+            NodeCheck("primary", Role.PRIMARY.value, mask_url(settings.primary_url)),
             settings.primary_url,
         )
     ]
     for index, raw in enumerate(settings.replica_urls, start=1):
         url, name, _ = split_replica_options(raw, what=f"replica {index}")
         targets.append(
-            (NodeCheck(name or f"replica-{index}", Role.REPLICA.value, _masked(url)), url)
+            (NodeCheck(name or f"replica-{index}", Role.REPLICA.value, mask_url(url)), url)
         )
     result = CheckResult([node for node, _ in targets])
 

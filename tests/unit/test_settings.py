@@ -159,3 +159,11 @@ def test_settings_repr_masks_secrets() -> None:
     settings = RouterSettings.defaults(primary_url=PRIMARY, replica_urls=PRIMARY)
     shown = repr(settings) + str(settings)
     assert "hunter2" not in shown
+
+
+def test_a_password_in_the_query_is_masked_too() -> None:
+    url = "postgresql://app@db-rw:5432/app?password=hunter2"
+    router = ReplicaRouter(url, [url.replace("db-rw", "ro-1")])
+    settings = RouterSettings.defaults(primary_url=url, replica_urls=url)
+    for shown in (repr(router), repr(router.replicas[0]), repr(settings), str(router.status())):
+        assert "hunter2" not in shown
