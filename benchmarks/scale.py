@@ -48,7 +48,7 @@ def _selection(calls: int) -> dict[tuple[str, int], tuple[float, float]]:
                 urls[0], urls, settings=RouterSettings.defaults(strategy=strategy)
             )
             fit = _per_call_us(router._fit_replicas, calls)
-            pick = _per_call_us(lambda r=router: r._pick_reader([]), calls)
+            pick = _per_call_us(lambda r=router: r._pick_reader([], None, 0), calls)
             out[(strategy, n)] = (fit, pick)
             asyncio.run(router.close())
     return out

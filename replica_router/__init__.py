@@ -13,6 +13,7 @@ Example::
     async def read(note_id: int, db: AsyncSession = Depends(router.reader)): ...
 """
 
+from ._consistency import ReadYourWritesMiddleware
 from ._exceptions import (
     CommitOutcomeUnknownError,
     ConfigurationError,
@@ -28,7 +29,7 @@ from ._retry import ErrorKind, classify
 from ._router import ReplicaRouter
 from ._selection import LeastInFlight, RandomChoice, RoundRobin, Selector, Weighted
 from ._settings import RouterSettings
-from ._status import NodeStatus, RouterStatus
+from ._status import NodeStatus, ReadPolicyStatus, RouterStatus
 
 __all__ = [
     "CommitOutcomeUnknownError",
@@ -43,6 +44,8 @@ __all__ = [
     "NodeStatus",
     "PrimaryUnavailableError",
     "RandomChoice",
+    "ReadPolicyStatus",
+    "ReadYourWritesMiddleware",
     "ReplicaRouter",
     "ReplicaRouterError",
     "RetryExhaustedError",

@@ -6,9 +6,10 @@ The tree::
     ├── ConfigurationError (also ValueError)
     ├── NoHealthyNodeError
     │   ├── NoHealthyReplicaError     a reader found no fit node (HTTP 503)
+    │   │   └── ConsistencyTimeoutError   no replica replayed the client's write in time,
+    │   │                                 and the primary may not serve reads
     │   └── PrimaryUnavailableError   the writer could not reach the primary
     ├── RetryExhaustedError           bounded retries ran out; keeps the last error
-    ├── ConsistencyTimeoutError       no node caught up with a read-your-writes position
     └── CommitOutcomeUnknownError     the connection was lost during COMMIT
 
 Messages never contain a password: nodes are named, URLs are rendered masked.
@@ -70,8 +71,9 @@ class RetryExhaustedError(ReplicaRouterError):
         self.attempts = attempts
 
 
-class ConsistencyTimeoutError(ReplicaRouterError):
-    """No node had replayed the required WAL position within the wait bound."""
+class ConsistencyTimeoutError(NoHealthyReplicaError):
+    """No replica replayed the client's WAL position within the wait bound, and the
+    primary may not serve reads (``fallback_to_primary`` is off)."""
 
 
 class CommitOutcomeUnknownError(ReplicaRouterError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -11,8 +12,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -21,9 +28,18 @@ from tenacity import (
     stop_after_delay,
 )
 
+from ._consistency import (
+    ConsistencyState,
+    ReadPolicy,
+    ReadYourWrites,
+    ReadYourWritesMiddleware,
+    TokenCodec,
+    current_state,
+)
 from ._exceptions import (
     CommitOutcomeUnknownError,
     ConfigurationError,
+    ConsistencyTimeoutError,
     NoHealthyNodeError,
     NoHealthyReplicaError,
     PrimaryUnavailableError,
@@ -34,10 +50,12 @@ from ._nodes import Node, NodeState, Role, mask_url
 from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error
 from ._selection import Selector, make_selector
 from ._settings import ENV_PREFIX, RouterSettings, parse_url, split_replica_options
-from ._status import NodeStatus, RouterStatus
+from ._status import NodeStatus, ReadPolicyStatus, RouterStatus
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
+
+    from .fastapi import SessionDependency
 
 __all__ = ["IsolationLevel", "ReplicaRouter"]
 
@@ -48,6 +66,11 @@ logger = logging.getLogger("replica_router")
 
 # Checkout failures worth another attempt: the node is down or momentarily full.
 _RETRY_AT_CHECKOUT = NODE_DOWN | {ErrorKind.TOO_MANY_CONNECTIONS}
+# Set on a primary connection by any statement; read (and cleared) after COMMIT to
+# know whether the transaction's WAL position is worth a round trip.
+_RAN_STATEMENTS = "replica_router.ran_statements"
+_WAL_INSERT_LSN = "SELECT pg_current_wal_insert_lsn()"
+_REPLAY_LSN = "SELECT pg_last_wal_replay_lsn()"
 
 
 class _CheckoutFailed(Exception):
@@ -57,6 +80,22 @@ class _CheckoutFailed(Exception):
         super().__init__(node.name)
         self.node = node
         self.error = error
+
+
+class _Behind(Exception):
+    """No replica replayed the position a read needs within the wait bound."""
+
+
+class _Check(enum.Enum):
+    """How a read checks that a replica replayed the client's position."""
+
+    NO = 0  # known from a probe or an earlier check
+    ONCE = 1  # re-read it; if behind, try another replica
+    WAIT = 2  # re-read it until it catches up or consistency_wait is over
+
+
+# A replica found behind is not asked again for this long (it is known behind).
+_RECHECK_AFTER = 0.05
 
 
 class ReplicaRouter:
@@ -88,12 +127,18 @@ class ReplicaRouter:
     __slots__ = (
         "__weakref__",
         "_background",
+        "_codec",
+        "_default_policy",
         "_fallback_cap",
         "_fallback_in_flight",
         "_health",
         "_isolated",
+        "_policies",
+        "_primary_lsn_refresh",
+        "_reader_dependencies",
         "_selector",
         "_started",
+        "_written_lsn",
         "primary",
         "reader",
         "replicas",
@@ -157,6 +202,16 @@ class ReplicaRouter:
         self._started = False
         self._isolated: dict[str, async_sessionmaker[AsyncSession]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        secret = self.settings.lsn_secret
+        self._codec = TokenCodec(secret.get_secret_value().encode() if secret else None)
+        self._default_policy = ReadPolicy("default", self.settings.read_your_writes)
+        self._policies: dict[tuple[str | None, float | None], ReadPolicy] = {
+            (None, None): self._default_policy
+        }
+        self._reader_dependencies: dict[ReadPolicy, SessionDependency] = {}
+        self._primary_lsn_refresh: asyncio.Future[int | None] | None = None
+        self._written_lsn = 0
+        event.listen(self.primary.engine.sync_engine, "before_cursor_execute", _ran_statement)
         from .fastapi import (
             make_dependencies,
         )  # fastapi is a dependency; keep it out of import time
@@ -280,9 +335,39 @@ class ReplicaRouter:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """FastAPI lifespan: ``FastAPI(lifespan=router.lifespan)``."""
+        """FastAPI lifespan: ``FastAPI(lifespan=router.lifespan)``.
+
+        Also puts :class:`ReadYourWritesMiddleware` around the app (unless it was
+        added already), so positions travel with clients.
+        """
+        self.install_middleware(app)
         async with self:
             yield
+
+    def install_middleware(self, app: Any) -> None:
+        """Wrap a started Starlette/FastAPI app in :class:`ReadYourWritesMiddleware`.
+
+        ``app.add_middleware`` is refused once an app has started, so the lifespan
+        wraps the app's built middleware stack instead. Does nothing when the
+        middleware is there already or read-your-writes is off.
+        """
+        if self.settings.read_your_writes == "off":
+            return
+        added = getattr(app, "user_middleware", ())
+        if any(getattr(m, "cls", None) is ReadYourWritesMiddleware for m in added):
+            return
+        if not hasattr(app, "middleware_stack") or not hasattr(app, "build_middleware_stack"):
+            logger.warning(
+                "cannot install ReadYourWritesMiddleware on %r; wrap the app in it",
+                type(app).__name__,
+            )
+            return
+        stack = app.middleware_stack
+        if isinstance(stack, ReadYourWritesMiddleware):
+            return
+        if stack is None:  # the lifespan was run by hand (a test), not by the app
+            stack = app.build_middleware_stack()
+        app.middleware_stack = ReadYourWritesMiddleware(stack, self)
 
     # -- nodes -----------------------------------------------------------------------
 
@@ -291,7 +376,7 @@ class ReplicaRouter:
         """The primary, then the replicas."""
         return (self.primary, *self.replicas)
 
-    def _fit_replicas(self) -> list[Node]:
+    def _fit_replicas(self, max_lag: float | None = None) -> list[Node]:
         fit: list[Node] = []
         slow: list[Node] = []
         for node in self.replicas:
@@ -302,34 +387,65 @@ class ReplicaRouter:
                     continue
                 if time.monotonic() - state.down_since < self.settings.health_interval:
                     continue
-            if state.in_recovery is False or state.lagging:
+            if state.in_recovery is False:
+                continue
+            if max_lag is None:
+                if state.lagging:
+                    continue
+            elif (state.lag_seconds or 0.0) > max_lag:
                 continue
             (slow if state.slow else fit).append(node)
         return fit or slow
 
-    def _pick_reader(self, tried: Sequence[Node]) -> Node:
-        candidates = [n for n in self._fit_replicas() if n not in tried]
+    def _pick_reader(
+        self, tried: Sequence[Node], max_lag: float | None, need: int
+    ) -> tuple[Node, _Check]:
+        """The node for the next read attempt, and how its position must be checked.
+
+        With ``need`` (a WAL position): the selector picks among replicas known to
+        have replayed it and those not checked for a while (which are checked, not
+        waited for). If none is known to have it, the most advanced replica is
+        checked and waited for.
+        """
+        candidates = [n for n in self._fit_replicas(max_lag) if n not in tried]
         if candidates:
-            return self._selector.select(candidates)
+            if not need:
+                return self._selector.select(candidates), _Check.NO
+            ready: list[Node] = []
+            unknown: list[Node] = []
+            recheck_before = time.monotonic() - _RECHECK_AFTER
+            for node in candidates:
+                if (node.state.replay_lsn or 0) >= need:
+                    ready.append(node)
+                elif node.state.replay_checked_at < recheck_before:
+                    unknown.append(node)
+            if ready:
+                choice = self._selector.select(ready + unknown)
+                return choice, _Check.NO if choice in ready else _Check.ONCE
+            return max(candidates, key=lambda n: n.state.replay_lsn or 0), _Check.WAIT
         if not self.replicas:
-            return self.primary
+            return self.primary, _Check.NO
+        return self._primary_for_reads(tried, "no replica is fit to serve reads"), _Check.NO
+
+    def _primary_for_reads(self, tried: Sequence[Node], why: str) -> Node:
+        """The primary as a reader, if the settings and the fallback cap allow it."""
         if not self.settings.fallback_to_primary:
             raise NoHealthyReplicaError(
-                "no replica is fit to serve reads and fallback to the primary is off",
+                f"{why} and fallback to the primary is off",
                 retry_after=self.settings.health_interval,
             )
         if self.primary in tried:
             raise NoHealthyReplicaError(
-                "no replica is fit to serve reads and the primary is unreachable",
+                f"{why} and the primary is unreachable",
                 retry_after=self.settings.health_interval,
             )
         if self._fallback_in_flight >= self._fallback_cap:
             raise NoHealthyReplicaError(
-                f"no replica is fit to serve reads and the primary already serves "
-                f"{self._fallback_cap} fallback reads (the cap that protects it)",
+                f"{why} and the primary already serves {self._fallback_cap} reads "
+                "(the cap that protects it)",
                 retry_after=self.settings.health_interval,
             )
-        logger.debug("no fit replica; reading from the primary")
+        logger.debug("%s; reading from the primary", why)
         return self.primary
 
     # -- sessions --------------------------------------------------------------------
@@ -358,27 +474,89 @@ class ReplicaRouter:
             reraise=True,
         )
 
-    async def _open(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
-        """A session on ``node`` whose transaction has begun: the connection is proven."""
-        session = maker()
+    async def _open(
+        self,
+        node: Node,
+        maker: async_sessionmaker[AsyncSession],
+        *,
+        hold: bool = False,
+        need: int = 0,
+        wait: bool = False,
+    ) -> tuple[AsyncSession, str]:
+        """A session on ``node`` whose connection is proven, and how it was decided.
+
+        Args:
+            hold: bind the session to a connection of its own (writers), which stays
+                checked out after COMMIT so the WAL position can be read on it.
+            need: a WAL position the node must have replayed; it is re-read before
+                the transaction begins.
+            wait: wait for ``need`` up to ``consistency_wait``.
+
+        Raises:
+            _Behind: the replica did not replay ``need`` in time.
+        """
+        session: AsyncSession | None = None
         started = time.perf_counter()
+        decision = "replica"
         try:
+            if hold:
+                held = await maker.kw["bind"].connect()
+                held.sync_connection.info.pop(_RAN_STATEMENTS, None)
+                session = maker(bind=held)
+            else:
+                session = maker()
             conn = await session.connection()
             try:
-                await asyncio.wait_for(_begin_now(conn), self.settings.connect_timeout)
+                if need:
+                    # Reading the position proves the connection: BEGIN can stay lazy.
+                    decision = await self._await_replay(conn, node, need, wait)
+                else:
+                    await asyncio.wait_for(_begin_now(conn), self.settings.connect_timeout)
+            except _Behind:
+                raise
             except BaseException as exc:
                 await _invalidate(conn, exc)
                 raise
         except BaseException as exc:
-            await _close_quietly(session)
-            if isinstance(exc, Exception):
+            if session is not None:
+                await _release(session)
+            if isinstance(exc, Exception) and not isinstance(exc, _Behind):
                 kind = classify(exc, during_checkout=True)
                 if kind in _RETRY_AT_CHECKOUT:
                     self._note_failure(node, exc, kind)
                     raise _CheckoutFailed(node, exc) from exc
             raise
-        node.state.observe_latency(time.perf_counter() - started)
-        return session
+        if not need:  # a wait is not the node's latency
+            node.state.observe_latency(time.perf_counter() - started)
+        return session, decision
+
+    async def _await_replay(self, conn: AsyncConnection, node: Node, need: int, wait: bool) -> str:
+        """Re-read the replica's replay position until it reaches ``need`` or time is up."""
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        state = node.state
+        deadline = time.monotonic() + (self.settings.consistency_wait if wait else 0.0)
+        pause = 0.002
+        waited = False
+        while True:
+            lsn = await asyncio.wait_for(
+                driver.fetchval(_REPLAY_LSN), self.settings.connect_timeout
+            )
+            if lsn is None:  # not in recovery: a promoted "replica"
+                raise _Behind()
+            lsn = int(lsn)
+            state.replay_checked_at = time.monotonic()
+            if lsn > (state.replay_lsn or 0):
+                state.replay_lsn = lsn
+            if lsn >= need:
+                return "replica_after_wait" if waited else "replica_after_check"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Behind()
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.02)
+            waited = True
 
     def _note_failure(self, node: Node, exc: BaseException, kind: ErrorKind) -> None:
         state = node.state
@@ -392,13 +570,47 @@ class ReplicaRouter:
                 if node.role is Role.REPLICA:
                     update_eligibility(self.replicas, self.settings)
 
-    async def _checkout_reader(self, tried: list[Node]) -> tuple[AsyncSession, Node]:
+    async def _checkout_reader(
+        self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
+    ) -> tuple[AsyncSession, Node]:
+        need = 0
+        to_primary: str | None = None
+        if state is not None and policy.read_your_writes != "off":
+            if policy.read_your_writes == "request":
+                if state.wrote:
+                    to_primary = "primary_after_write"
+            elif state.client_lsn and not state.verified:
+                need = await self._required_lsn(state, policy)
+            else:
+                need = max(state.client_lsn, state.own_lsn)
+
         async def attempt(number: int) -> tuple[AsyncSession, Node]:
-            node = self._pick_reader(tried)
-            tried.append(node)
-            if number > 1:
-                node.state.retries += 1
-            return await self._enter(node, node.reader_sessionmaker), node
+            nonlocal to_primary
+            while True:
+                if to_primary is not None:
+                    node, check = self._primary_for_consistency(tried, to_primary), _Check.NO
+                else:
+                    node, check = self._pick_reader(tried, policy.max_lag_seconds, need)
+                tried.append(node)
+                if number > 1:
+                    node.state.retries += 1
+                    number = 1  # count a retry once, not per replica found behind
+                try:
+                    session, decision = await self._enter(
+                        node,
+                        node.reader_sessionmaker,
+                        need=need if check is not _Check.NO else 0,
+                        wait=check is _Check.WAIT,
+                    )
+                except _Behind:
+                    # Fit, only behind: skipped for this read (it stays in ``tried``).
+                    if check is _Check.WAIT:
+                        to_primary = "primary_behind"
+                    continue
+                if node is self.primary:
+                    decision = to_primary or "primary_fallback"
+                policy.decisions[decision] += 1
+                return session, node
 
         try:
             return await self._with_retries(
@@ -409,6 +621,65 @@ class ReplicaRouter:
                 f"no node could serve a read (last: {exc.node.name}, {type(exc.error).__name__})",
                 retry_after=self.settings.health_interval,
             ) from exc.error
+
+    def _primary_for_consistency(self, tried: Sequence[Node], decision: str) -> Node:
+        why = (
+            "this request wrote (read_your_writes=request)"
+            if decision == "primary_after_write"
+            else f"no replica replayed the client's last write within "
+            f"{self.settings.consistency_wait} s"
+        )
+        if not self.settings.fallback_to_primary:
+            raise ConsistencyTimeoutError(
+                f"{why}, and fallback to the primary is off",
+                retry_after=self.settings.health_interval,
+            )
+        return self._primary_for_reads(tried, why)
+
+    async def _required_lsn(self, state: ConsistencyState, policy: ReadPolicy) -> int:
+        """The WAL position this read must see: the client's claim once checked, and
+        this request's own writes."""
+        if state.client_lsn and not state.verified:
+            state.verified = True
+            if state.client_lsn > self._known_primary_lsn():
+                current = await self._current_primary_lsn()
+                if current is None or state.client_lsn > current:
+                    # Forged, from another cluster, or not checkable now: never trusted.
+                    logger.debug("ignoring a client WAL position beyond the primary's")
+                    state.client_lsn = 0
+                    policy.decisions["token_ignored"] += 1
+        return max(state.client_lsn, state.own_lsn)
+
+    def _known_primary_lsn(self) -> int:
+        return max(self._health.primary_lsn or 0, self._written_lsn)
+
+    async def _current_primary_lsn(self) -> int | None:
+        """The primary's WAL insert position now; concurrent callers share one query."""
+        pending = self._primary_lsn_refresh
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._primary_lsn_refresh = pending
+            lsn: int | None = None
+            try:
+                lsn = await asyncio.wait_for(
+                    self._query_primary_lsn(), self.settings.connect_timeout
+                )
+            except Exception:
+                logger.debug("could not read the primary's WAL position", exc_info=True)
+            finally:
+                self._primary_lsn_refresh = None
+                if not pending.done():  # also when cancelled: never strand the waiters
+                    pending.set_result(lsn)
+            if lsn is not None:
+                self._written_lsn = max(self._written_lsn, lsn)
+            return lsn
+        return await asyncio.shield(pending)
+
+    async def _query_primary_lsn(self) -> int:
+        async with self.primary.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            assert raw.driver_connection is not None
+            return int(await raw.driver_connection.fetchval(_WAL_INSERT_LSN))
 
     async def _with_retries(self, attempt: Callable[[int], Awaitable[T]], attempts: int) -> T:
         """Run ``attempt(1)``; if it fails with ``_CheckoutFailed``, retry it with tenacity.
@@ -425,12 +696,20 @@ class ReplicaRouter:
                 return await attempt(retry.retry_state.attempt_number + 1)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _enter(self, node: Node, maker: async_sessionmaker[AsyncSession]) -> AsyncSession:
+    async def _enter(
+        self,
+        node: Node,
+        maker: async_sessionmaker[AsyncSession],
+        *,
+        hold: bool = False,
+        need: int = 0,
+        wait: bool = False,
+    ) -> tuple[AsyncSession, str]:
         node.state.in_flight += 1
         if self._is_fallback(node, maker):
             self._fallback_in_flight += 1
         try:
-            return await self._open(node, maker)
+            return await self._open(node, maker, hold=hold, need=need, wait=wait)
         except BaseException:
             self._leave(node, maker)
             raise
@@ -450,7 +729,7 @@ class ReplicaRouter:
         async def attempt(number: int) -> AsyncSession:
             if number > 1:
                 primary.state.retries += 1
-            session = await self._enter(primary, maker)
+            session, _ = await self._enter(primary, maker, hold=True)
             if not primary.state.up:  # a working connection proves it
                 primary.state.up = True
                 logger.info("primary %s is reachable again", primary.name)
@@ -464,20 +743,129 @@ class ReplicaRouter:
                 retry_after=self.settings.health_interval,
             ) from exc.error
 
-    def reader_session(self) -> AbstractAsyncContextManager[AsyncSession]:
+    def reader_session(
+        self,
+        *,
+        consistency_token: str | None = None,
+        read_your_writes: ReadYourWrites | None = None,
+        max_lag_seconds: float | None = None,
+    ) -> AbstractAsyncContextManager[AsyncSession]:
         """A read-only session on a fit replica (or the primary, see fallback).
 
         The connection is checked out and its transaction begun before this yields,
         so an unreachable replica is skipped before any of your code runs.
 
+        Args:
+            consistency_token: a position from :meth:`consistency_token` (e.g. carried
+                in a task queue message): the read sees that write. Without it, the
+                writes of the current request or task are honoured.
+            read_your_writes: override the router's mode for this read.
+            max_lag_seconds: override the lag bound for this read.
+
         Raises:
             NoHealthyReplicaError: no node could serve the read.
+            ConsistencyTimeoutError: no replica caught up and fallback is off.
         """
-        return self._reader([])
+        policy = self._policy(read_your_writes, max_lag_seconds)
+        return self._reader([], policy, self._state_for(consistency_token, policy))
+
+    def _state_for(self, token: str | None, policy: ReadPolicy) -> ConsistencyState | None:
+        state = current_state()
+        if token is None:
+            return state
+        claimed = self._codec.decode(token)
+        if claimed is None:
+            policy.decisions["token_ignored"] += 1
+        return ConsistencyState(
+            client_lsn=claimed or 0,
+            own_lsn=state.own_lsn if state is not None else 0,
+            wrote=state.wrote if state is not None else False,
+        )
+
+    def _policy(self, read_your_writes: ReadYourWrites | None, max_lag: float | None) -> ReadPolicy:
+        policy = self._policies.get((read_your_writes, max_lag))
+        if policy is not None:
+            return policy
+        mode = read_your_writes if read_your_writes is not None else self.settings.read_your_writes
+        if mode not in ("off", "request", "lsn"):
+            raise ConfigurationError(
+                f"read_your_writes must be 'off', 'request' or 'lsn', got {mode!r}"
+            )
+        if mode == "lsn" and self.settings.read_your_writes != "lsn":
+            raise ConfigurationError(
+                "read_your_writes='lsn' on a read needs REPLICA_ROUTER_READ_YOUR_WRITES=lsn: "
+                "only then do writers record their WAL position"
+            )
+        if max_lag is not None and not max_lag >= 0:
+            raise ConfigurationError(f"max_lag_seconds must be >= 0, got {max_lag!r}")
+        parts = [] if read_your_writes is None else [f"read_your_writes={mode}"]
+        if max_lag is not None:
+            parts.append(f"max_lag_seconds={max_lag:g}")
+        policy = ReadPolicy(",".join(parts), mode, max_lag)
+        self._policies[(read_your_writes, max_lag)] = policy
+        return policy
+
+    def reader_with(
+        self,
+        *,
+        read_your_writes: ReadYourWrites | None = None,
+        max_lag_seconds: float | None = None,
+    ) -> SessionDependency:
+        """A reader dependency with its own consistency, for one group of routes.
+
+        The same arguments return the same object, so ``dependency_overrides`` works.
+        Its decisions are counted apart in ``router.status().reads``.
+
+        Example::
+
+            dashboard_reader = router.reader_with(max_lag_seconds=30, read_your_writes="off")
+
+            @app.get("/dashboard")
+            async def dashboard(db: AsyncSession = Depends(dashboard_reader)): ...
+
+        Raises:
+            ConfigurationError: a bad value, or ``"lsn"`` while the router's mode is not.
+        """
+        policy = self._policy(read_your_writes, max_lag_seconds)
+        if policy is self._default_policy:
+            return self.reader
+        dependency = self._reader_dependencies.get(policy)
+        if dependency is None:
+            from .fastapi import make_reader
+
+            def open_session() -> AbstractAsyncContextManager[AsyncSession]:
+                return self._reader([], policy, current_state())
+
+            dependency = make_reader(open_session, policy.name)
+            self._reader_dependencies[policy] = dependency
+        return dependency
+
+    def consistency_token(self) -> str | None:
+        """The position the current request or task must see, as a token, or None.
+
+        After a writer committed, it covers that write: put it in a task queue
+        message and read with ``reader_session(consistency_token=...)``.
+        """
+        state = current_state()
+        if state is None:
+            return None
+        lsn = max(state.own_lsn, state.client_lsn)
+        return self._codec.encode(lsn) if lsn else None
+
+    @property
+    def codec(self) -> TokenCodec:
+        """Encodes and checks position tokens (signed with ``lsn_secret`` if set)."""
+        return self._codec
+
+    def note_rejected_token(self) -> None:
+        """Count a malformed or badly signed token (the middleware calls this)."""
+        self._default_policy.decisions["token_ignored"] += 1
 
     @asynccontextmanager
-    async def _reader(self, tried: list[Node]) -> AsyncIterator[AsyncSession]:
-        session, node = await self._checkout_reader(tried)
+    async def _reader(
+        self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
+    ) -> AsyncIterator[AsyncSession]:
+        session, node = await self._checkout_reader(tried, policy, state)
         node.state.sessions += 1
         try:
             yield session
@@ -489,7 +877,7 @@ class ReplicaRouter:
             raise
         finally:
             self._leave(node, node.reader_sessionmaker)
-            await _close_quietly(session)
+            await _release(session)
 
     @asynccontextmanager
     async def writer_session(
@@ -534,9 +922,45 @@ class ReplicaRouter:
                         "transaction may or may not have committed"
                     ) from exc
                 raise
+            await self._after_commit(session)
         finally:
             self._leave(node, maker)
-            await _close_quietly(session)
+            await _release(session)
+
+    async def _after_commit(self, session: AsyncSession) -> None:
+        """Remember that this request or task wrote, and where the WAL was then."""
+        mode = self.settings.read_your_writes
+        held = session.bind
+        if mode == "off" or not isinstance(held, AsyncConnection):
+            return
+        if not held.sync_connection or not held.sync_connection.info.pop(_RAN_STATEMENTS, False):
+            return  # nothing ran: nothing to wait for
+        state = current_state(create=True)
+        assert state is not None
+        state.wrote = True
+        if mode != "lsn":
+            return
+        lsn: int | None
+        try:
+            raw = await held.get_raw_connection()
+            assert raw.driver_connection is not None
+            lsn = int(
+                await asyncio.wait_for(
+                    raw.driver_connection.fetchval(_WAL_INSERT_LSN), self.settings.connect_timeout
+                )
+            )
+        except Exception:
+            await _invalidate(held, RuntimeError("reading the WAL position failed"))
+            # Any position read after COMMIT returned covers the commit.
+            lsn = await self._current_primary_lsn()
+            if lsn is None:
+                logger.warning(
+                    "committed, but the primary's WAL position could not be read; later "
+                    "reads of this client may not see this write"
+                )
+                return
+        state.own_lsn = max(state.own_lsn, lsn)
+        self._written_lsn = max(self._written_lsn, lsn)
 
     def _primary_demoted(self, why: str) -> None:
         """The primary turned read-only: drain its pool so new connections find the
@@ -559,12 +983,20 @@ class ReplicaRouter:
             cached = self._isolated[level] = async_sessionmaker(engine, **options)
         return cached
 
-    async def run_read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def run_read(
+        self,
+        fn: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        consistency_token: str | None = None,
+        read_your_writes: ReadYourWrites | None = None,
+        max_lag_seconds: float | None = None,
+    ) -> T:
         """Run ``fn(session)`` on a reader; re-run it elsewhere if the node fails.
 
         ``fn`` must be a whole read that is safe to repeat. After a lost connection
         or a recovery conflict on a replica (40001, 40P01), it runs again on another
         node (the primary last, if allowed); any other error propagates at once.
+        The keyword arguments are those of :meth:`reader_session`.
 
         Raises:
             NoHealthyReplicaError: no node is left to try.
@@ -572,10 +1004,12 @@ class ReplicaRouter:
         """
         tried: list[Node] = []
         attempts = self.settings.checkout_attempts + len(self.replicas)
+        policy = self._policy(read_your_writes, max_lag_seconds)
+        state = self._state_for(consistency_token, policy)
         for attempt in range(1, attempts + 1):
             before = len(tried)
             try:
-                async with self._reader(tried) as session:
+                async with self._reader(tried, policy, state) as session:
                     return await fn(session)
             except NoHealthyNodeError:
                 raise  # the checkout already tried every node it could
@@ -661,6 +1095,16 @@ class ReplicaRouter:
             fallback_cap=self._fallback_cap,
             strategy=self.settings.strategy,
             health_checks_running=self._health.running,
+            read_your_writes=self.settings.read_your_writes,
+            reads=tuple(
+                ReadPolicyStatus(
+                    name=p.name,
+                    read_your_writes=p.read_your_writes,
+                    max_lag_seconds=p.max_lag_seconds,
+                    decisions=dict(p.decisions),
+                )
+                for p in self._policies.values()
+            ),
         )
 
     def health_routes(self, prefix: str = "/health") -> APIRouter:
@@ -741,6 +1185,22 @@ async def _invalidate(conn: Any, exc: BaseException) -> None:
         await conn.invalidate(exc if isinstance(exc, Exception) else None)
     except Exception:
         logger.debug("invalidating a failed connection failed", exc_info=True)
+
+
+def _ran_statement(conn: Any, *args: Any) -> None:
+    """``before_cursor_execute`` on the primary: this transaction ran something."""
+    conn.info[_RAN_STATEMENTS] = True
+
+
+async def _release(session: AsyncSession) -> None:
+    """Close a session and, for a writer, the connection it held."""
+    held = session.bind
+    await _close_quietly(session)
+    if isinstance(held, AsyncConnection):
+        try:
+            await held.close()
+        except Exception:
+            logger.debug("returning a connection failed", exc_info=True)
 
 
 async def _close_quietly(session: AsyncSession) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -29,6 +29,8 @@ _ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg"}
 _URL_EXAMPLE = "postgresql+asyncpg://user:password@host:5432/database"
 # Query parameters that configure a replica; removed before the URL reaches asyncpg.
 _NAME_OPTION = "replica_name"
+# An HTTP token (RFC 9110): what a cookie or header name may contain.
+_TOKEN_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
 _WEIGHT_OPTION = "replica_weight"
 
 
@@ -99,6 +101,14 @@ def _split_urls(value: Any) -> Any:
     return value
 
 
+def _empty_is_none(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        return None
+    if isinstance(value, str) and len(value) < 16:
+        raise ValueError("must be at least 16 characters (random text, the same on every worker)")
+    return value
+
+
 def _url(value: Any) -> Any:
     if value is None or isinstance(value, URL):
         return value
@@ -110,7 +120,7 @@ def _url(value: Any) -> Any:
 # No environment variable name can contain NUL, so this prefix reads none.
 _NO_ENV = "\x00"
 # Fields whose input is a secret: their errors never show the input.
-_SECRET_FIELDS = frozenset({"primary_url", "replica_urls"})
+_SECRET_FIELDS = frozenset({"primary_url", "replica_urls", "lsn_secret"})
 
 
 class RouterSettings(BaseSettings):
@@ -180,11 +190,41 @@ class RouterSettings(BaseSettings):
         default="round_robin",
         description="how reads are spread: round_robin, random, least_in_flight or weighted",
     )
-    read_your_writes: Literal["off"] = Field(
-        default="off",
+    read_your_writes: Literal["off", "request", "lsn"] = Field(
+        default="lsn",
         description=(
-            "off; the request and lsn modes are not built yet, and are refused rather "
-            "than silently ignored"
+            "off, request (after a write, the rest of that request reads from the primary) "
+            "or lsn (reads wait for the WAL position of the client's last write, across "
+            "requests)"
+        ),
+    )
+    consistency_wait: float = Field(
+        default=0.25,
+        ge=0,
+        description=(
+            "longest seconds a read waits for a replica to replay the client's last write "
+            "before it uses the primary, >= 0"
+        ),
+    )
+    lsn_cookie: str = Field(
+        default="rr_lsn",
+        pattern=_TOKEN_NAME,
+        description="name of the cookie that carries the client's WAL position",
+    )
+    lsn_header: str = Field(
+        default="X-Replica-Router-LSN",
+        pattern=_TOKEN_NAME,
+        description="name of the request and response header that carries the WAL position",
+    )
+    lsn_cookie_max_age: int = Field(
+        default=300, ge=1, description="seconds the position cookie lives, >= 1"
+    )
+    lsn_secret: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = Field(
+        default=None,
+        description=(
+            "key that signs positions (HMAC-SHA256), at least 16 characters; the same on "
+            "every worker. Empty: positions are unsigned, and still checked against the "
+            "primary"
         ),
     )
     pool_size: int = Field(default=10, ge=1, description="connections kept open per node, >= 1")

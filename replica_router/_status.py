@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["NodeStatus", "RouterStatus"]
+__all__ = ["NodeStatus", "ReadPolicyStatus", "RouterStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +38,33 @@ class NodeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadPolicyStatus:
+    """One group of reads (``default``, or a ``router.reader_with(...)``) and how often
+    each routing decision was taken for it.
+
+    Decisions: ``replica``, ``replica_after_check`` (the replica's position was
+    re-read), ``replica_after_wait``, ``primary_behind`` (no replica replayed the
+    client's write in time), ``primary_after_write`` (request mode),
+    ``primary_fallback`` (no fit replica), ``token_ignored``.
+    """
+
+    name: str
+    read_your_writes: str
+    max_lag_seconds: float | None
+    decisions: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class RouterStatus:
-    """Every node, primary first, and the router-wide counters."""
+    """Every node, primary first, the router-wide counters, and the read policies."""
 
     nodes: tuple[NodeStatus, ...]
     fallback_in_flight: int
     fallback_cap: int
     strategy: str
     health_checks_running: bool
+    read_your_writes: str = "off"
+    reads: tuple[ReadPolicyStatus, ...] = ()
 
     @property
     def primary(self) -> NodeStatus:

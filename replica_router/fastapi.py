@@ -25,7 +25,7 @@ from ._exceptions import NoHealthyNodeError
 if TYPE_CHECKING:
     from ._router import ReplicaRouter
 
-__all__ = ["health_routes", "make_dependencies"]
+__all__ = ["health_routes", "make_dependencies", "make_reader"]
 
 SessionDependency = Callable[..., Coroutine[Any, Any, AsyncSession]]
 
@@ -48,20 +48,7 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, Sessi
     They are stable objects: ``app.dependency_overrides[router.reader]`` works.
     """
 
-    def scope(open_session: Callable[[], Any]) -> Callable[[], AsyncIterator[AsyncSession]]:
-        async def session_scope() -> AsyncIterator[AsyncSession]:
-            context = open_session()
-            try:
-                session = await context.__aenter__()
-            except NoHealthyNodeError as exc:
-                raise _unavailable(exc) from exc
-            async with _entered(context):
-                yield session
-
-        return session_scope
-
-    writer_scope = scope(router.writer_session)
-    reader_scope = scope(router.reader_session)
+    writer_scope = _scope(router.writer_session)
 
     async def writer(
         session: Annotated[AsyncSession, Depends(writer_scope, scope="function")],
@@ -69,13 +56,36 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, Sessi
         """A session on the primary, committed before the response is sent."""
         return session
 
+    return writer, make_reader(router.reader_session, "default")
+
+
+def make_reader(open_session: Callable[[], Any], name: str) -> SessionDependency:
+    """A reader dependency over ``open_session`` (a read policy's sessions)."""
+    reader_scope = _scope(open_session)
+
     async def reader(
         session: Annotated[AsyncSession, Depends(reader_scope, scope="function")],
     ) -> AsyncSession:
         """A read-only session on a fit replica (or the primary as a fallback)."""
         return session
 
-    return writer, reader
+    reader.__qualname__ = f"reader[{name}]"
+    return reader
+
+
+def _scope(open_session: Callable[[], Any]) -> Callable[[], AsyncIterator[AsyncSession]]:
+    """A generator dependency that holds one session from ``open_session``."""
+
+    async def session_scope() -> AsyncIterator[AsyncSession]:
+        context = open_session()
+        try:
+            session = await context.__aenter__()
+        except NoHealthyNodeError as exc:
+            raise _unavailable(exc) from exc
+        async with _entered(context):
+            yield session
+
+    return session_scope
 
 
 class _entered:

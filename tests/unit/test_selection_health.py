@@ -107,7 +107,7 @@ def test_fallback_rules(fallback: bool) -> None:
     replicas[0].state.mark_down("down: test", "test")
     replicas[0].state.down_since = None  # never retried
     if fallback:
-        assert router._pick_reader([]) is router.primary
+        assert router._pick_reader([], None, 0)[0] is router.primary
     else:
         with pytest.raises(NoHealthyReplicaError, match="fallback to the primary is off"):
-            router._pick_reader([])
+            router._pick_reader([], None, 0)[0]

@@ -1,0 +1,245 @@
+"""Read-your-writes: WAL positions that follow a client, and how reads honour them.
+
+After a writer commits, the router reads the primary's WAL insert position on the
+same connection (``pg_current_wal_insert_lsn()``, one round trip, only when the
+transaction ran statements). That position becomes a *token*: PostgreSQL's own
+``pg_lsn`` text (``16/B374D848``), followed by ``.`` and an HMAC when a secret is
+configured. :class:`ReadYourWritesMiddleware` sends it back as a cookie and a
+response header and reads it from the next request; nothing is stored on the
+server, so it works across workers and hosts.
+
+A token is a claim, never trusted: a malformed one, one with a bad signature, or
+one beyond the primary's current position is ignored.
+
+Example::
+
+    router = ReplicaRouter.from_env()            # READ_YOUR_WRITES=lsn by default
+    app = FastAPI(lifespan=router.lifespan)      # installs the middleware
+
+    # a background job carries the position explicitly:
+    token = router.consistency_token()           # after a writer committed
+    async with router.reader_session(consistency_token=token) as db: ...
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._router import ReplicaRouter
+
+__all__ = [
+    "DECISIONS",
+    "ConsistencyState",
+    "ReadPolicy",
+    "ReadYourWritesMiddleware",
+    "TokenCodec",
+    "current_state",
+    "format_lsn",
+    "parse_lsn",
+]
+
+ReadYourWrites = Literal["off", "request", "lsn"]
+
+# Where a read went and why; counted per read policy, shown by router.status().
+DECISIONS = (
+    "replica",  # no position to honour, or the replica was known to have it
+    "replica_after_check",  # the replica's position was re-read and it had it
+    "replica_after_wait",  # waited (within the bound) for the replica to replay it
+    "primary_behind",  # no replica replayed it within the bound
+    "primary_after_write",  # request mode: this request wrote
+    "primary_fallback",  # no replica fit (down, lagging) or none configured
+    "token_ignored",  # the client's position was malformed, forged or beyond the primary
+)
+
+_LSN = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
+_MAX_TOKEN = 80
+_SIGNATURE_BYTES = 18  # 24 base64 characters
+
+
+def format_lsn(lsn: int) -> str:
+    """PostgreSQL's text form of a WAL position: ``16/B374D848``."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int | None:
+    """The WAL position in ``text`` (``16/B374D848``), or None if it is not one."""
+    match = _LSN.fullmatch(text)
+    if match is None:
+        return None
+    return (int(match[1], 16) << 32) | int(match[2], 16)
+
+
+class TokenCodec:
+    """Turns WAL positions into tokens and back, signing them when given a secret."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, secret: bytes | None) -> None:
+        self._key = secret
+
+    def _sign(self, text: str) -> str:
+        assert self._key is not None
+        digest = hmac.new(self._key, text.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:_SIGNATURE_BYTES]).decode()
+
+    def encode(self, lsn: int) -> str:
+        text = format_lsn(lsn)
+        return f"{text}.{self._sign(text)}" if self._key is not None else text
+
+    def decode(self, token: str) -> int | None:
+        """The position a token claims, or None if it is malformed or badly signed.
+
+        Never raises: the input comes from clients.
+        """
+        if not token or len(token) > _MAX_TOKEN:
+            return None
+        text, _, signature = token.partition(".")
+        if self._key is not None and not hmac.compare_digest(
+            signature.encode(), self._sign(text).encode()
+        ):
+            return None
+        lsn = parse_lsn(text)
+        return lsn if lsn else None
+
+
+@dataclass(slots=True, eq=False)
+class ReadPolicy:
+    """How a group of reads treats lag and the client's own writes.
+
+    ``name`` shows in ``router.status()`` with how often each decision was taken.
+    """
+
+    name: str
+    read_your_writes: ReadYourWrites
+    max_lag_seconds: float | None = None
+    decisions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DECISIONS, 0))
+
+
+@dataclass(slots=True)
+class ConsistencyState:
+    """What one request (or one task) must see.
+
+    Attributes:
+        client_lsn: the position the client's token claims; not yet trusted.
+        verified: ``client_lsn`` was checked against the primary (and zeroed if bad).
+        own_lsn: the position covering this request's own commits.
+        wrote: a writer committed statements during this request.
+    """
+
+    client_lsn: int = 0
+    verified: bool = False
+    own_lsn: int = 0
+    wrote: bool = False
+
+
+_STATE: contextvars.ContextVar[ConsistencyState | None] = contextvars.ContextVar(
+    "replica_router_consistency", default=None
+)
+
+
+def current_state(create: bool = False) -> ConsistencyState | None:
+    """The state of the current request or task; made (and kept) if ``create``."""
+    state = _STATE.get()
+    if state is None and create:
+        state = ConsistencyState()
+        _STATE.set(state)
+    return state
+
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ReadYourWritesMiddleware:
+    """Carries the client's WAL position in and out of every HTTP request.
+
+    In: the ``X-Replica-Router-LSN`` request header or the ``rr_lsn`` cookie (the
+    newer position wins). Out, after a request whose writer committed: the same
+    header and cookie with the new position. ``router.lifespan`` installs it; add
+    it yourself (``app.add_middleware(ReadYourWritesMiddleware, router=router)``)
+    when the lifespan does not run, e.g. under ``httpx.ASGITransport``.
+    """
+
+    __slots__ = ("_app", "_cookie", "_cookie_suffix", "_header", "_router")
+
+    def __init__(self, app: ASGIApp, router: ReplicaRouter) -> None:
+        self._app = app
+        self._router = router
+        settings = router.settings
+        self._header = settings.lsn_header.lower().encode("latin-1")
+        self._cookie = settings.lsn_cookie
+        self._cookie_suffix = (
+            f"; Max-Age={settings.lsn_cookie_max_age}; Path=/; HttpOnly; SameSite=Lax"
+        )
+
+    @property
+    def router(self) -> ReplicaRouter:
+        return self._router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._router.settings.read_your_writes == "off":
+            await self._app(scope, receive, send)
+            return
+        state = ConsistencyState(client_lsn=self._client_lsn(scope))
+        reset = _STATE.set(state)
+        secure = scope.get("scheme") == "https"
+
+        async def send_with_position(message: Message) -> None:
+            if message["type"] == "http.response.start" and state.own_lsn:
+                token = self._router.codec.encode(state.own_lsn)
+                cookie = f"{self._cookie}={token}{self._cookie_suffix}"
+                if secure:
+                    cookie += "; Secure"
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (self._header, token.encode("latin-1")),
+                    (b"set-cookie", cookie.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_with_position)
+        finally:
+            _STATE.reset(reset)
+
+    def _client_lsn(self, scope: Scope) -> int:
+        decode = self._router.codec.decode
+        best = 0
+        rejected = False
+        for name, value in scope.get("headers", ()):
+            if name == self._header:
+                claimed = decode(value.decode("latin-1"))
+            elif name == b"cookie":
+                text = _cookie_value(value.decode("latin-1"), self._cookie)
+                if text is None:
+                    continue
+                claimed = decode(text)
+            else:
+                continue
+            if claimed is None:
+                rejected = True
+            elif claimed > best:
+                best = claimed
+        if rejected and not best:
+            self._router.note_rejected_token()
+        return best
+
+
+def _cookie_value(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return value.strip().strip('"')
+    return None
