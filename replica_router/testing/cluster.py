@@ -25,70 +25,39 @@ Example::
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Literal
-from urllib.parse import quote
 
 from replica_router.testing import _watchdog
+from replica_router.testing._base import (
+    BASE_SETTINGS,
+    STOP_SIGNALS,
+    ClusterBase,
+    ClusterError,
+    Role,
+    StopMode,
+    check_arguments,
+    free_port,
+    sql_ident,
+    stop_steps,
+)
 from replica_router.testing._binaries import RunAs, ensure_reachable, find_pg_bin, server_user
 
 __all__ = ["ClusterError", "ClusterNode", "LocalCluster"]
 
 logger = logging.getLogger(__name__)
-
-Role = Literal["primary", "replica"]
-StopMode = Literal["smart", "fast", "immediate"]
-
-_STOP_SIGNALS: dict[str, signal.Signals] = {
-    "smart": signal.SIGTERM,
-    "fast": signal.SIGINT,
-    "immediate": signal.SIGQUIT,
-}
-_ESCALATION: tuple[tuple[str, float], ...] = (
-    ("smart", 30.0),
-    ("fast", 30.0),
-    ("immediate", 10.0),
-)
-_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-_FIELD_SEP = "\x1f"
-_RECORD_SEP = "\x1e"
-
-_BASE_SETTINGS: dict[str, str] = {
-    "listen_addresses": "127.0.0.1",
-    "max_connections": "100",
-    "shared_buffers": "16MB",
-    "wal_level": "replica",
-    "max_wal_senders": "10",
-    "max_replication_slots": "10",
-    "hot_standby": "on",
-    "fsync": "off",
-    "full_page_writes": "off",
-    # Replicas reconnect to a restarted primary this fast (default 5s).
-    "wal_retrieve_retry_interval": "500ms",
-    "logging_collector": "off",
-}
-
-
-class ClusterError(RuntimeError):
-    """A cluster operation failed; the message includes the server log's tail when useful."""
 
 
 @dataclass(eq=False, slots=True)
@@ -121,42 +90,11 @@ class ClusterNode:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _conf_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _sql_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
-def _sql_ident(value: str) -> str:
-    return '"' + value.replace('"', '""') + '"'
-
-
-_LIVE: set[LocalCluster] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_live_clusters() -> None:
-    with _LIVE_LOCK:
-        clusters = list(_LIVE)
-    for cluster in clusters:
-        if cluster._owner_pid == os.getpid():
-            try:
-                cluster.stop()
-            except Exception:
-                logger.warning("could not stop a local cluster at exit", exc_info=True)
-
-
-class LocalCluster:
+class LocalCluster(ClusterBase[ClusterNode]):
     """A primary and ``replicas`` streaming replicas on free loopback ports.
 
     Args:
@@ -202,23 +140,13 @@ class LocalCluster:
         database: str = "app",
         server_settings: Mapping[str, str] | None = None,
     ) -> None:
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
-            msg = f"replicas must be an integer >= 0, got {replicas!r}"
-            raise ValueError(msg)
-        if user is not None and not user:
-            msg = "user must be a non-empty string"
-            raise ValueError(msg)
-        if not database:
-            msg = "database must be a non-empty string"
-            raise ValueError(msg)
-        if password is not None and not password:
-            msg = "password must be a non-empty string (or None for a random one)"
-            raise ValueError(msg)
-        settings = dict(server_settings or {})
-        for key in settings:
-            if not _SETTING_NAME.match(key):
-                msg = f"server_settings: {key!r} is not a valid setting name"
-                raise ValueError(msg)
+        settings = check_arguments(
+            replicas,
+            user=user,
+            password=password,
+            database=database,
+            server_settings=server_settings,
+        )
         self.replica_count = replicas
         self._bin_arg = Path(bin_dir) if bin_dir is not None else None
         self._base_parent = Path(base_dir) if base_dir is not None else None
@@ -246,68 +174,16 @@ class LocalCluster:
         return list(self._nodes)
 
     @property
-    def primary(self) -> ClusterNode:
-        """The node started as the primary (named ``primary``)."""
-        return self.nodes[0]
-
-    @property
-    def replicas(self) -> list[ClusterNode]:
-        """The nodes started as replicas, in order (``replica-1``, ...)."""
-        return self.nodes[1:]
-
-    @property
     def bin_dir(self) -> Path:
         """The PostgreSQL ``bin`` directory in use."""
         self._require_started()
         assert self._bin_dir is not None
         return self._bin_dir
 
-    @property
-    def primary_url(self) -> str:
-        """SQLAlchemy URL of the primary (``postgresql+asyncpg://...``)."""
-        return self.url(self.primary)
-
-    @property
-    def replica_urls(self) -> list[str]:
-        """SQLAlchemy URLs of the replicas, in order."""
-        return [self.url(node) for node in self.replicas]
-
-    def node(self, node: ClusterNode | str) -> ClusterNode:
-        """Return the node given by itself or by name.
-
-        Raises:
-            KeyError: No node has that name.
-        """
-        if isinstance(node, ClusterNode):
-            return node
-        for candidate in self.nodes:
-            if candidate.name == node:
-                return candidate
-        msg = f"no node named {node!r}; nodes are {[n.name for n in self._nodes]}"
-        raise KeyError(msg)
-
-    def url(self, node: ClusterNode | str) -> str:
-        """Return the SQLAlchemy URL (asyncpg driver) of a node."""
-        return "postgresql+asyncpg" + self.dsn(node).removeprefix("postgresql")
-
-    def dsn(self, node: ClusterNode | str) -> str:
-        """Return the libpq/asyncpg URL (``postgresql://...``) of a node."""
-        port = self.node(node).port
-        credentials = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-        return f"postgresql://{credentials}@127.0.0.1:{port}/{quote(self.database, safe='')}"
+    def _host(self, node: ClusterNode) -> str:
+        return "127.0.0.1"
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> LocalCluster:
         """Create and start the primary and the replicas; a no-op when started.
@@ -330,8 +206,7 @@ class LocalCluster:
             self._bin_dir = ensure_reachable(self._bin_arg, run_as)
         parent = self._base_parent or Path(tempfile.gettempdir())
         self.base_dir = base = Path(tempfile.mkdtemp(prefix="replica-router-", dir=parent))
-        with _LIVE_LOCK:
-            _LIVE.add(self)
+        self._register()
         try:
             base.chmod(0o755)  # lets the server user reach its directories
             self._start_watchdog(base)
@@ -375,8 +250,7 @@ class LocalCluster:
                 shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = None
             self._nodes = []
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
+            self._unregister()
 
     # -- fault controls ----------------------------------------------------------------------
 
@@ -388,9 +262,7 @@ class LocalCluster:
 
     def stop_node(self, node: ClusterNode | str, mode: StopMode = "fast") -> None:
         """Shut a node down (``smart``, ``fast`` or ``immediate``), escalating if it hangs."""
-        if mode not in _STOP_SIGNALS:
-            msg = f"mode must be 'smart', 'fast' or 'immediate', got {mode!r}"
-            raise ValueError(msg)
+        stop_steps(mode)  # checks the mode before anything is stopped
         self._stop_nodes([self.node(node)], mode)
 
     def kill_node(self, node: ClusterNode | str) -> None:
@@ -409,128 +281,25 @@ class LocalCluster:
             process.wait()
         self._forget(target)
 
-    def start_node(self, node: ClusterNode | str, wait: bool = True) -> None:
-        """Start a stopped node; with ``wait``, return once it accepts connections."""
-        target = self.node(node)
-        if self.is_running(target):
-            return
-        self._spawn(target)
-        if wait:
-            self._wait_ready(target)
+    def _promote(self, node: ClusterNode, timeout: float) -> None:
+        self._tool("pg_ctl", "promote", "-D", str(node.data_dir), "-w", "-t", str(int(timeout)))
 
-    def restart_node(self, node: ClusterNode | str) -> None:
-        """Fast shutdown, then start, of one node."""
-        self.stop_node(node)
-        self.start_node(node)
+    def _log_tail(self, node: ClusterNode) -> str:
+        return node.log_tail()
 
-    def pause_replay(self, node: ClusterNode | str) -> None:
-        """Pause WAL replay on a replica (``pg_wal_replay_pause()``): it starts lagging."""
-        self.execute(self._replica(node), "SELECT pg_wal_replay_pause()")
-
-    def resume_replay(self, node: ClusterNode | str) -> None:
-        """Resume WAL replay on a replica (``pg_wal_replay_resume()``)."""
-        self.execute(self._replica(node), "SELECT pg_wal_replay_resume()")
-
-    def promote(self, node: ClusterNode | str, timeout: float = 60.0) -> None:
-        """Promote a replica (``pg_ctl promote``) and wait until it leaves recovery.
-
-        The node's ``role`` becomes ``"primary"``; the other replicas keep following
-        the original primary.
-        """
-        target = self._replica(node)
-        self._tool("pg_ctl", "promote", "-D", str(target.data_dir), "-w", "-t", str(int(timeout)))
-        deadline = time.monotonic() + timeout
-        while self.execute(target, "SELECT pg_is_in_recovery()") != [("f",)]:
-            if time.monotonic() > deadline:
-                msg = f"{target.name} still in recovery after promotion\n{target.log_tail()}"
-                raise ClusterError(msg)
-            time.sleep(0.02)
-        target.role = "primary"
-        logger.info("%s promoted", target.name)
-
-    def wait_for_replay(self, timeout: float = 30.0) -> None:
-        """Wait until every running, unpaused replica has replayed the primary's current LSN.
-
-        Raises:
-            ClusterError: No primary is running, or a replica did not catch up in time.
-        """
-        sources = [n for n in self.nodes if n.role == "primary" and self.is_running(n)]
-        if not sources:
-            msg = "wait_for_replay: no primary is running"
-            raise ClusterError(msg)
-        lsn = self.execute(sources[0], "SELECT pg_current_wal_lsn()")[0][0]
-        query = (
-            "SELECT pg_is_wal_replay_paused(), "
-            f"coalesce(pg_last_wal_replay_lsn() >= {_sql_literal(lsn)}::pg_lsn, false)"
-        )
-        pending = [n for n in self.nodes if n.role == "replica" and self.is_running(n)]
-        deadline = time.monotonic() + timeout
-        while pending:
-            pending = [n for n in pending if "t" not in self.execute(n, query)[0]]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                names = ", ".join(n.name for n in pending)
-                msg = f"replicas {names} did not replay {lsn} within {timeout}s"
-                raise ClusterError(msg)
-            time.sleep(0.02)
-
-    def execute(
-        self,
-        node: ClusterNode | str,
-        sql: str,
-        *,
-        database: str | None = None,
-        timeout: float = 60.0,
-    ) -> list[tuple[str, ...]]:
-        """Run SQL on a node with ``psql`` and return the last result's rows as text.
-
-        Synchronous (a subprocess), so it is safe to call from inside an event loop.
-        ``NULL`` comes back as ``""``, booleans as ``"t"``/``"f"``.
-
-        Args:
-            node: The node or its name.
-            sql: One or more statements; rows of the last one are returned.
-            database: Defaults to the cluster's database.
-            timeout: Seconds before giving up.
-
-        Raises:
-            ClusterError: The node is not running or the SQL failed.
-        """
-        target = self.node(node)
-        if not self.is_running(target):
-            msg = f"{target.name} is not running"
-            raise ClusterError(msg)
+    def _psql(self, node: ClusterNode, args: list[str], timeout: float) -> str:
         assert self.base_dir is not None
         result = self._tool(
             "psql",
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
             "-h",
             str(self.base_dir / "sockets"),
             "-p",
-            str(target.port),
-            "-U",
-            self.user,
-            "-d",
-            database or self.database,
-            "-F",
-            _FIELD_SEP,
-            "-R",
-            _RECORD_SEP,
-            "-c",
-            sql,
+            str(node.port),
+            *args,
             timeout=timeout,
-            what=f"SQL on {target.name}",
+            what=f"SQL on {node.name}",
         )
-        out = result.stdout.removesuffix("\n")
-        if not out:
-            return []
-        return [tuple(record.split(_FIELD_SEP)) for record in out.split(_RECORD_SEP)]
+        return result.stdout
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -538,13 +307,6 @@ class LocalCluster:
         if not self._nodes:
             msg = "the cluster is not started; call start() or use it as a context manager"
             raise ClusterError(msg)
-
-    def _replica(self, node: ClusterNode | str) -> ClusterNode:
-        target = self.node(node)
-        if target.role != "replica":
-            msg = f"{target.name} is not a replica"
-            raise ClusterError(msg)
-        return target
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -605,7 +367,7 @@ class LocalCluster:
 
     def _write_settings(self, node: ClusterNode) -> None:
         assert self.base_dir is not None
-        settings = dict(_BASE_SETTINGS)
+        settings = {"listen_addresses": "127.0.0.1", **BASE_SETTINGS}
         settings["port"] = str(node.port)
         settings["unix_socket_directories"] = str(self.base_dir / "sockets")
         settings["max_wal_senders"] = str(max(10, self.replica_count + 4))
@@ -619,7 +381,7 @@ class LocalCluster:
     def _create_primary(self) -> None:
         assert self.base_dir is not None
         data_dir, log_file = self._node_dirs("primary")
-        node = ClusterNode("primary", "primary", _free_port(), data_dir, log_file)
+        node = ClusterNode("primary", "primary", free_port(), data_dir, log_file)
         self._nodes.append(node)
         pwfile = self.base_dir / "primary" / "pwfile"
         pwfile.write_text(self.password + "\n")
@@ -645,7 +407,7 @@ class LocalCluster:
         self._spawn(node, retry_ports=True)
         self._wait_ready(node)
         if self.database != "postgres":
-            self.execute(node, f"CREATE DATABASE {_sql_ident(self.database)}", database="postgres")
+            self.execute(node, f"CREATE DATABASE {sql_ident(self.database)}", database="postgres")
         # Slots reserve WAL from now on: concurrent base backups' checkpoints cannot
         # remove what a replica still needs (pg_basebackup -C would reserve it too late).
         slots = ", ".join(
@@ -659,7 +421,7 @@ class LocalCluster:
         name = f"replica-{index}"
         data_dir, log_file = self._node_dirs(name)
         primary = self._nodes[0]
-        node = ClusterNode(name, "replica", _free_port(), data_dir, log_file)
+        node = ClusterNode(name, "replica", free_port(), data_dir, log_file)
         conninfo = f"host=127.0.0.1 port={primary.port} user={self.user} application_name={name}"
         self._tool(
             "pg_basebackup",
@@ -717,7 +479,7 @@ class LocalCluster:
             except ClusterError:
                 if attempt == 2 or "could not bind" not in node.log_tail():
                     raise
-                node.port = _free_port()
+                node.port = free_port()
                 self._write_settings(node)
                 continue
             return
@@ -764,16 +526,14 @@ class LocalCluster:
         node.pid = None
 
     def _stop_nodes(self, nodes: Sequence[ClusterNode], mode: str) -> None:
-        steps = list(_ESCALATION)
-        while steps[0][0] != mode:
-            steps.pop(0)
+        steps = stop_steps(mode)
         pending = [n for n in nodes if n._process is not None]
         for step, grace in steps:
             for node in pending:
                 assert node._process is not None
                 if node._process.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
-                        node._process.send_signal(_STOP_SIGNALS[step])
+                        node._process.send_signal(STOP_SIGNALS[step])
             deadline = time.monotonic() + grace
             for node in pending:
                 assert node._process is not None

@@ -7,7 +7,11 @@ Fixtures:
 
 * ``replica_cluster`` (session): a :class:`LocalCluster` with a primary and
   ``REPLICA_ROUTER_TEST_REPLICAS`` (default 2) streaming replicas, started once.
-  Each test gets it healed: every server running, replay resumed.
+  Each test gets it healed: every server running, replay resumed. With
+  ``REPLICA_ROUTER_TEST_CLUSTER=docker`` it is a
+  :class:`~replica_router.testing.containers.DockerCluster` instead (the
+  ``testcontainers`` extra and a Docker engine; ``REPLICA_ROUTER_TEST_IMAGE``
+  picks the image).
 * ``replica_router`` (function): a started :class:`ReplicaRouter` over that
   cluster with fast health checks, closed after the test.
 
@@ -30,37 +34,54 @@ import pytest_asyncio
 
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router.testing.cluster import LocalCluster
+from replica_router.testing.containers import DEFAULT_IMAGE, DockerCluster
 
 __all__ = ["heal", "replica_cluster", "replica_router", "replica_router_cluster"]
 
 
-def heal(cluster: LocalCluster) -> None:
+def heal(cluster: LocalCluster | DockerCluster) -> None:
     """Undo faults a test left: start stopped servers, resume paused replay."""
+    # By name: either backend takes a name (a node object only of its own kind).
     for node in cluster.nodes:
-        if not cluster.is_running(node):
-            cluster.start_node(node)
+        if not cluster.is_running(node.name):
+            cluster.start_node(node.name)
     for node in cluster.replicas:
         if node.role == "replica":
-            cluster.resume_replay(node)
+            cluster.resume_replay(node.name)
+
+
+def _new_cluster() -> LocalCluster | DockerCluster:
+    replicas = int(os.environ.get("REPLICA_ROUTER_TEST_REPLICAS", "2"))
+    kind = os.environ.get("REPLICA_ROUTER_TEST_CLUSTER", "local")
+    if kind == "docker":
+        image = os.environ.get("REPLICA_ROUTER_TEST_IMAGE", DEFAULT_IMAGE)
+        return DockerCluster(replicas=replicas, image=image)
+    if kind != "local":
+        msg = f"REPLICA_ROUTER_TEST_CLUSTER must be 'local' or 'docker', got {kind!r}"
+        raise pytest.UsageError(msg)
+    return LocalCluster(replicas=replicas)
 
 
 @pytest.fixture(scope="session")
-def replica_router_cluster() -> Iterator[LocalCluster]:
+def replica_router_cluster() -> Iterator[LocalCluster | DockerCluster]:
     """The session's cluster, started once and stopped at the end."""
-    replicas = int(os.environ.get("REPLICA_ROUTER_TEST_REPLICAS", "2"))
-    with LocalCluster(replicas=replicas) as cluster:
+    with _new_cluster() as cluster:
         yield cluster
 
 
 @pytest.fixture
-def replica_cluster(replica_router_cluster: LocalCluster) -> LocalCluster:
+def replica_cluster(
+    replica_router_cluster: LocalCluster | DockerCluster,
+) -> LocalCluster | DockerCluster:
     """The session's cluster, healed of faults left by earlier tests."""
     heal(replica_router_cluster)
     return replica_router_cluster
 
 
 @pytest_asyncio.fixture
-async def replica_router(replica_cluster: LocalCluster) -> AsyncIterator[ReplicaRouter]:
+async def replica_router(
+    replica_cluster: LocalCluster | DockerCluster,
+) -> AsyncIterator[ReplicaRouter]:
     """A started router over the cluster with fast probes (0.2 s), closed afterwards."""
     settings = RouterSettings.defaults(health_interval=0.2, health_timeout=1.0)
     router = ReplicaRouter(
