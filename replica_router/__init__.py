@@ -24,7 +24,7 @@ from ._exceptions import (
     ReplicaRouterError,
     RetryExhaustedError,
 )
-from ._nodes import Node, NodeState, Role
+from ._nodes import CHECKOUT_BUCKETS, Node, NodeState, Role
 from ._retry import ErrorKind, classify
 from ._router import ReplicaRouter
 from ._selection import LeastInFlight, RandomChoice, RoundRobin, Selector, Weighted
@@ -32,6 +32,7 @@ from ._settings import RouterSettings
 from ._status import NodeStatus, ReadPolicyStatus, RouterStatus
 
 __all__ = [
+    "CHECKOUT_BUCKETS",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConsistencyTimeoutError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,10 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-__all__ = ["Node", "NodeState", "Role", "mask_url"]
+__all__ = ["CHECKOUT_BUCKETS", "Node", "NodeState", "Role", "mask_url"]
+
+# Upper bounds (seconds) of the checkout-latency histogram, Prometheus style.
+CHECKOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Role(enum.StrEnum):
@@ -57,6 +61,9 @@ class NodeState:
     ejections: int = 0
     retries: int = 0
     failovers: int = 0
+    # Checkouts per CHECKOUT_BUCKETS bound (not cumulative), the last one for +Inf.
+    checkout_counts: list[int] = field(default_factory=lambda: [0] * (len(CHECKOUT_BUCKETS) + 1))
+    checkout_seconds: float = 0.0
 
     def mark_down(self, reason: str, error: str | None) -> bool:
         """Record a failure; True when this changed the node from up to down."""
@@ -72,6 +79,12 @@ class NodeState:
             self.down_since = time.monotonic()
             self.ejections += 1
         return was_up
+
+    def observe_checkout(self, seconds: float) -> None:
+        """One checkout (connection proven, transaction begun): histogram and average."""
+        self.checkout_counts[bisect.bisect_left(CHECKOUT_BUCKETS, seconds)] += 1
+        self.checkout_seconds += seconds
+        self.observe_latency(seconds)
 
     def observe_latency(self, seconds: float) -> None:
         """Fold one checkout round trip into the moving average."""

@@ -527,7 +527,7 @@ class ReplicaRouter:
                     raise _CheckoutFailed(node, exc) from exc
             raise
         if not need:  # a wait is not the node's latency
-            node.state.observe_latency(time.perf_counter() - started)
+            node.state.observe_checkout(time.perf_counter() - started)
         return session, decision
 
     async def _await_replay(self, conn: AsyncConnection, node: Node, need: int, wait: bool) -> str:
@@ -1142,6 +1142,8 @@ def _node_status(node: Node) -> NodeStatus:
         retries=s.retries,
         failovers=s.failovers,
         weight=node.weight,
+        checkout_histogram=tuple(s.checkout_counts),
+        checkout_seconds=s.checkout_seconds,
     )
 
 

@@ -35,6 +35,10 @@ class NodeStatus:
     retries: int
     failovers: int
     weight: float
+    # Checkouts per bound of ``replica_router.CHECKOUT_BUCKETS`` (last: slower), and
+    # their total seconds.
+    checkout_histogram: tuple[int, ...] = ()
+    checkout_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

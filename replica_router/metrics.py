@@ -53,7 +53,13 @@ def mount_metrics(
 
 def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
     """Every node's state, read from ``router.status()``."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    from ._nodes import CHECKOUT_BUCKETS
 
     labels = ["node", "role"]
     healthy = GaugeMetricFamily(
@@ -85,6 +91,11 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
     failovers = CounterMetricFamily(
         "replica_router_node_failovers", "times the primary was found read-only", labels=labels
     )
+    checkout = HistogramMetricFamily(
+        "replica_router_checkout_seconds",
+        "time to get a proven connection with its transaction begun",
+        labels=labels,
+    )
     status = router.status()
     for node in status.nodes:
         key = [node.name, node.role]
@@ -99,10 +110,26 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
         ejections.add_metric(key, node.ejections)
         retries.add_metric(key, node.retries)
         failovers.add_metric(key, node.failovers)
+        if node.checkout_histogram:
+            cumulative, buckets = 0, []
+            for bound, count in zip(
+                (*map(str, CHECKOUT_BUCKETS), "+Inf"), node.checkout_histogram, strict=True
+            ):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            checkout.add_metric(key, buckets, node.checkout_seconds)
     fallback = GaugeMetricFamily(
         "replica_router_fallback_in_flight", "reads served by the primary as a fallback now"
     )
     fallback.add_metric([], status.fallback_in_flight)
     yield from (healthy, lag_seconds, lag_bytes, in_flight, sessions, failures, ejections)
-    yield from (retries, failovers)
+    decisions = CounterMetricFamily(
+        "replica_router_read_decisions",
+        "where reads went and why, per read policy (read-your-writes, lag bound)",
+        labels=["policy", "decision"],
+    )
+    for policy in status.reads:
+        for decision, count in policy.decisions.items():
+            decisions.add_metric([policy.name, decision], count)
+    yield from (retries, failovers, checkout, decisions)
     yield fallback

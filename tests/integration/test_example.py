@@ -63,5 +63,26 @@ async def test_the_replica_router_version(replica_cluster: LocalCluster) -> None
         assert all(w["in_recovery"] for w in where)
         assert len({w["server_port"] for w in where}) == 2
         assert (await http.get("/health/live")).status_code == 200
-        metrics = await http.get("/metrics/")
-        assert "replica_router_node_healthy" in metrics.text
+
+        # Read-your-writes (on by default): with replay paused, the client that wrote
+        # still reads its note; a client without its cookie reads a stale replica.
+        for node in replica_cluster.replicas:
+            replica_cluster.pause_replay(node)
+        try:
+            created = await http.post("/notes", json={"title": "mine", "body": "now"})
+            assert "rr_lsn" in http.cookies
+            note = created.json()["id"]
+            assert (await http.get(f"/notes/{note}")).status_code == 200
+            http.cookies.clear()
+            assert (await http.get(f"/notes/{note}")).status_code == 404
+        finally:
+            for node in replica_cluster.replicas:
+                replica_cluster.resume_replay(node)
+
+        metrics = (await http.get("/metrics/")).text
+        assert "replica_router_node_healthy" in metrics
+        assert 'replica_router_checkout_seconds_bucket{le="+Inf",node="replica-1"' in metrics
+        assert (
+            'replica_router_read_decisions_total{decision="primary_behind",policy="default"} 1.0'
+            in metrics
+        )
