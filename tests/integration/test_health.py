@@ -3,13 +3,14 @@
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import QueuePool
 
 from replica_router import NoHealthyReplicaError, ReplicaRouter, RouterSettings
 from replica_router.testing import LocalCluster
@@ -26,9 +27,9 @@ async def port_of(db: AsyncSession) -> int:
     return int((await db.execute(text("SELECT inet_server_port()"))).scalar_one())
 
 
-async def wait_until(predicate: object, timeout: float = 10.0) -> float:
+async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> float:
     started = time.monotonic()
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         assert time.monotonic() - started < timeout, "condition not reached in time"
         await asyncio.sleep(0.02)
     return time.monotonic() - started
@@ -217,4 +218,6 @@ async def test_probes_never_take_a_request_connection(replica_cluster: LocalClus
                 await db.execute(text("SELECT 1"))
         assert router._health.probes - probes_before > 10  # probes ran meanwhile
         for node in router.nodes:
-            assert node.engine.pool.size() == 1  # type: ignore[attr-defined]
+            pool = node.engine.pool
+            assert isinstance(pool, QueuePool)
+            assert pool.size() == 1

@@ -3,6 +3,7 @@
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import httpx
@@ -125,11 +126,11 @@ async def test_serialization_failures_are_rerun(replica_cluster: LocalCluster) -
     )
     async with ReplicaRouter(replica_cluster.primary_url, settings=FAST) as router:
 
-        async def scenario(attempts: int | None) -> list[object]:
+        async def scenario(attempts: int | None) -> list[BaseException | None]:
             barrier = asyncio.Barrier(2)
             runs: Counter[str] = Counter()
 
-            def go_off_call(doctor: str):  # type: ignore[no-untyped-def]
+            def go_off_call(doctor: str) -> Callable[[AsyncSession], Awaitable[None]]:
                 async def work(db: AsyncSession) -> None:
                     runs[doctor] += 1
                     on_call = (

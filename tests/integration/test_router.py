@@ -14,6 +14,7 @@ from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import QueuePool
 
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router.testing import LocalCluster
@@ -185,7 +186,9 @@ async def test_session_used_after_its_request_fails_loudly(
         assert (await http.post("/late")).status_code == 200
     assert len(errors) == 1
     assert isinstance(errors[0], InvalidRequestError)
-    assert replica_router.primary.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    pool = replica_router.primary.engine.pool
+    assert isinstance(pool, QueuePool)
+    assert pool.checkedout() == 0
 
 
 async def test_write_through_a_reader_fails(replica_router: ReplicaRouter, table: str) -> None:

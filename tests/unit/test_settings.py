@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from replica_router import ConfigurationError, ReplicaRouter, RouterSettings
@@ -10,7 +12,7 @@ PRIMARY = "postgresql://app:hunter2@db-rw:5432/app"
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
     for name in list(os.environ):
@@ -42,12 +44,10 @@ def test_empty_replica_list_means_no_replicas(monkeypatch: pytest.MonkeyPatch) -
     assert ReplicaRouter.from_env().replicas == ()
 
 
-def test_a_dotenv_file_is_read(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory
-) -> None:
+def test_a_dotenv_file_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(
         f"REPLICA_ROUTER_PRIMARY_URL={PRIMARY}\nREPLICA_ROUTER_POOL_SIZE=3\n"
-    )  # type: ignore[operator]
+    )
     router = ReplicaRouter.from_env()
     assert router.settings.pool_size == 3
 
@@ -121,7 +121,7 @@ def test_explicit_constructor_names_the_parameter() -> None:
     with pytest.raises(ConfigurationError, match="primary_url is not a database URL"):
         ReplicaRouter("hunter2")
     with pytest.raises(ConfigurationError, match="a sequence of URLs"):
-        ReplicaRouter(PRIMARY, "postgresql://a:hunter2@r1/app")  # type: ignore[arg-type]
+        ReplicaRouter(PRIMARY, "postgresql://a:hunter2@r1/app")  # a str is a Sequence[str] to mypy
     with pytest.raises(ConfigurationError, match="unique"):
         ReplicaRouter(
             PRIMARY,
