@@ -24,7 +24,7 @@ from replica_router.testing import LocalCluster
 from ._common import Table, have_wrk, interrupt_guard, kill_children
 from ._schema import SCHEMA
 
-BENCHMARKS = ("overhead", "faults", "strategies", "scale", "pgpool")
+BENCHMARKS = ("overhead", "faults", "strategies", "scale", "pgpool", "ryw")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

@@ -10,17 +10,25 @@ Routes: ``GET /items/{id}`` (ORM primary-key read), ``POST /items[?k=key]`` (ins
 ``GET /slow/items/{id}`` (calls ``bench_slow(port)`` first, which sleeps on one
 replica only), ``GET /rr/items/{id}`` (``router.run_read``, router only),
 ``GET /ready``, and with the router ``/health/nodes``.
+
+Read-your-writes (router only): ``POST /ryw/items`` inserts a row and returns its id;
+``GET /ryw/items/{id}`` answers 200 with whether the row was found and whether a
+replica served it (``pg_is_in_recovery()``). With ``BENCH_PIN_SECONDS`` > 0 they do
+what Rails' ``DatabaseSelector`` does instead of the router's read-your-writes: the
+writer sets a cookie with the time of the write, and while it is younger than that,
+reads use the primary (``router.primary.reader_sessionmaker``), else ``router.reader``.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the annotations, which
 # name local dependencies, at run time.
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from sqlalchemy import String, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -42,6 +50,8 @@ class Item(Base):
 
 VARIANT = os.environ.get("BENCH_VARIANT", "get_db")
 SLOW_PORT = int(os.environ.get("BENCH_SLOW_PORT", "0"))
+PIN_SECONDS = float(os.environ.get("BENCH_PIN_SECONDS", "0"))
+PIN_COOKIE = "bench_last_write"
 POOL = {"pool_size": 10, "max_overflow": 10}
 
 
@@ -107,7 +117,55 @@ def _router_app() -> FastAPI:
 
     app.include_router(router.health_routes())
     _add_reads(app, router.reader)
+    _add_ryw(app, router)
     return app
+
+
+def _pinned_reader(router: ReplicaRouter) -> Callable[..., AsyncIterator[AsyncSession]]:
+    """Rails' pin: the primary for ``PIN_SECONDS`` after this client's last write."""
+
+    async def reader(request: Request) -> AsyncIterator[AsyncSession]:
+        try:
+            last = float(request.cookies.get(PIN_COOKIE, "nan"))
+        except ValueError:
+            last = float("nan")
+        if time.time() - last < PIN_SECONDS:  # False for NaN: no recent write
+            async with router.primary.reader_sessionmaker() as session:
+                yield session
+        else:
+            async with router.reader_session() as session:
+                yield session
+
+    return reader
+
+
+def _add_ryw(app: FastAPI, router: ReplicaRouter) -> None:
+    # Function scope for the pin, as router.reader's own: released before the response.
+    reader = (
+        Depends(_pinned_reader(router), scope="function")
+        if PIN_SECONDS > 0
+        else Depends(router.reader)
+    )
+    Writer = Annotated[AsyncSession, Depends(router.writer)]
+    Reader = Annotated[AsyncSession, reader]
+
+    @app.post("/ryw/items")
+    async def ryw_create(db: Writer, response: Response) -> dict[str, Any]:
+        row = await db.execute(
+            text("INSERT INTO items (k, v) VALUES (:k, 'ryw') RETURNING id"), {"k": _key(None)}
+        )
+        if PIN_SECONDS > 0:
+            response.set_cookie(PIN_COOKIE, f"{time.time():.6f}", httponly=True)
+        return {"id": row.scalar_one()}
+
+    @app.get("/ryw/items/{item_id}")
+    async def ryw_read(item_id: int, db: Reader) -> dict[str, Any]:
+        row = await db.execute(
+            text("SELECT EXISTS (SELECT 1 FROM items WHERE id = :id), pg_is_in_recovery()"),
+            {"id": item_id},
+        )
+        found, replica = row.one()
+        return {"found": found, "replica": replica}
 
 
 def _add_reads(app: FastAPI, reader: Callable[..., Any]) -> None:
