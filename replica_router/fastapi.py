@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["health_routes", "make_dependencies", "make_reader"]
 
-SessionDependency = Callable[..., Coroutine[Any, Any, AsyncSession]]
+WriterDependency = Callable[..., Coroutine[Any, Any, AsyncSession]]
+ReaderDependency = Callable[[], AsyncIterator[AsyncSession]]
 
 
 def _unavailable(exc: NoHealthyNodeError) -> HTTPException:
@@ -38,14 +39,18 @@ def _unavailable(exc: NoHealthyNodeError) -> HTTPException:
     )
 
 
-def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, SessionDependency]:
+def make_dependencies(router: "ReplicaRouter") -> tuple[WriterDependency, ReaderDependency]:
     """The ``writer`` and ``reader`` dependencies of one router.
 
-    Each is a plain ``async def`` returning the session that a *function-scoped*
-    generator dependency holds, so users write ``Depends(router.writer)`` and still
-    get the commit before the response is sent (fastapi >= 0.121.1; a default,
-    request-scoped yield dependency would commit after the client saw a 200).
-    They are stable objects: ``app.dependency_overrides[router.reader]`` works.
+    The writer is a plain ``async def`` returning the session that a
+    *function-scoped* generator dependency holds, so users write
+    ``Depends(router.writer)`` and still get the commit before the response is sent
+    (fastapi >= 0.121.1; a default, request-scoped yield dependency would commit
+    after the client saw a 200). The reader has nothing to commit: it is a plain
+    generator dependency, released after the response like the tutorial's
+    ``get_db`` (one dependency level less per request, and a ``StreamingResponse``
+    can still read through it). Both are stable objects:
+    ``app.dependency_overrides[router.reader]`` works.
     """
 
     writer_scope = _scope(router.writer_session)
@@ -59,16 +64,10 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[SessionDependency, Sessi
     return writer, make_reader(router.reader_session, "default")
 
 
-def make_reader(open_session: Callable[[], Any], name: str) -> SessionDependency:
+def make_reader(open_session: Callable[[], Any], name: str) -> ReaderDependency:
     """A reader dependency over ``open_session`` (a read policy's sessions)."""
-    reader_scope = _scope(open_session)
-
-    async def reader(
-        session: Annotated[AsyncSession, Depends(reader_scope, scope="function")],
-    ) -> AsyncSession:
-        """A read-only session on a fit replica (or the primary as a fallback)."""
-        return session
-
+    reader = _scope(open_session)
+    reader.__doc__ = "A read-only session on a fit replica (or the primary as a fallback)."
     reader.__qualname__ = f"reader[{name}]"
     return reader
 
@@ -77,30 +76,14 @@ def _scope(open_session: Callable[[], Any]) -> Callable[[], AsyncIterator[AsyncS
     """A generator dependency that holds one session from ``open_session``."""
 
     async def session_scope() -> AsyncIterator[AsyncSession]:
-        context = open_session()
         try:
-            session = await context.__aenter__()
+            async with open_session() as session:
+                yield session
         except NoHealthyNodeError as exc:
+            # No node at checkout (or in the endpoint's own sessions): a 503.
             raise _unavailable(exc) from exc
-        async with _entered(context):
-            yield session
 
     return session_scope
-
-
-class _entered:
-    """Exits an already entered async context manager, passing on what was raised."""
-
-    __slots__ = ("_context",)
-
-    def __init__(self, context: Any) -> None:
-        self._context = context
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return bool(await self._context.__aexit__(exc_type, exc, tb))
 
 
 def health_routes(router: "ReplicaRouter", prefix: str = "/health") -> APIRouter:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from replica_router import ConfigurationError, ReplicaRouter, RouterSettings
+from replica_router._router import _read_only_connection
 
 PRIMARY = "postgresql://app:hunter2@db-rw:5432/app"
 
@@ -149,7 +151,9 @@ def test_options_reach_every_engine_and_sessionmaker() -> None:
         assert node.sessionmaker.kw["autoflush"] is False
         assert node.sessionmaker.kw["info"] == {"team": "notes"}
         assert node.sessionmaker.kw["expire_on_commit"] is False
-    assert router.replicas[0].engine.get_execution_options()["postgresql_readonly"] is True
+    # Replica connections begin every transaction READ ONLY (set once per connection).
+    assert event.contains(router.replicas[0].engine.sync_engine, "connect", _read_only_connection)
+    assert not event.contains(router.primary.engine.sync_engine, "connect", _read_only_connection)
     assert "postgresql_readonly" not in router.primary.engine.get_execution_options()
     assert router.primary.reader_sessionmaker.kw["bind"].get_execution_options()[
         "postgresql_readonly"
