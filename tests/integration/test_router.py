@@ -10,7 +10,8 @@ from typing import Annotated
 
 import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -189,6 +190,33 @@ async def test_session_used_after_its_request_fails_loudly(
     pool = replica_router.primary.engine.pool
     assert isinstance(pool, QueuePool)
     assert pool.checkedout() == 0
+
+
+async def test_a_streamed_response_reads_through_the_reader(
+    replica_router: ReplicaRouter,
+) -> None:
+    # The reader is released after the response is sent (like get_db), so a stream
+    # can still use it; then its connection goes back to the pool.
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream(db: Annotated[AsyncSession, Depends(replica_router.reader)]) -> Response:
+        async def rows() -> AsyncIterator[bytes]:
+            for n in range(3):
+                value = (await db.execute(text("SELECT :n + 1"), {"n": n})).scalar_one()
+                yield f"{value}\n".encode()
+
+        return StreamingResponse(rows())
+
+    async with client(app) as http:
+        response = await http.get("/stream")
+    assert response.status_code == 200
+    assert response.text == "1\n2\n3\n"
+    for node in replica_router.replicas:
+        pool = node.engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.checkedout() == 0
+    assert sum(node.state.in_flight for node in replica_router.nodes) == 0
 
 
 async def test_write_through_a_reader_fails(replica_router: ReplicaRouter, table: str) -> None:
