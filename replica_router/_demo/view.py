@@ -52,8 +52,21 @@ def _header(demo: Demo) -> str:
         f"phase {index}/{len(demo.phases)}: {phase.title} ({left:.0f} s left)\n"
         f"expect: {phase.expectation}\n"
         f"client errors: {sum(errors.values())} (reads {errors['read']}, "
-        f"writes {errors['write']})"
+        f"writes {errors['write']})\n"
+        f"{_decisions(demo)}"
     )
+
+
+def _decisions(demo: Demo) -> str:
+    """How reads were routed so far, read-your-writes included."""
+    if demo.router is None:
+        return "reads: -"
+    status = demo.router.status()
+    counts = Counter[str]()
+    for policy in status.reads:
+        counts.update(policy.decisions)
+    shown = ", ".join(f"{name} {n}" for name, n in counts.items() if n)
+    return f"reads by decision (read-your-writes: {status.read_your_writes}): {shown or '-'}"
 
 
 _COLUMNS = ("node", "role", "health", "reason", "lag", "reads (+phase)", "writes (+phase)")
@@ -148,6 +161,7 @@ def summary(demo: Demo) -> tuple[str, bool]:
             lines.extend(f"     PROBLEM: {problem}" for problem in phase.problems)
         else:
             lines.append("     ok")
+    lines.append(f"  {_decisions(demo)}")
     if demo.interrupted:
         lines.append("result: interrupted")
     elif ok:
