@@ -210,6 +210,10 @@ class HealthChecker:
         """The newest WAL position the primary reported."""
         return self._history.newest
 
+    def observe_primary_lsn(self, lsn: int) -> None:
+        """A primary WAL position seen outside the probes (after a writer's COMMIT)."""
+        self._history.add(lsn, time.monotonic())
+
     async def start(self) -> None:
         """Probe every node once, then keep probing in the background."""
         self._stopping.clear()

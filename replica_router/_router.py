@@ -421,7 +421,12 @@ class ReplicaRouter:
             if ready:
                 choice = self._selector.select(ready + unknown)
                 return choice, _Check.NO if choice in ready else _Check.ONCE
-            return max(candidates, key=lambda n: n.state.replay_lsn or 0), _Check.WAIT
+            # Wait on the most advanced replica, or on one not checked lately: the
+            # replica just waited on would otherwise always look the most advanced.
+            best = max(candidates, key=lambda n: n.state.replay_lsn or 0)
+            if best not in unknown:
+                unknown.append(best)
+            return self._selector.select(unknown), _Check.WAIT
         if not self.replicas:
             return self.primary, _Check.NO
         return self._primary_for_reads(tried, "no replica is fit to serve reads"), _Check.NO
@@ -957,7 +962,10 @@ class ReplicaRouter:
                 )
                 return
         state.own_lsn = max(state.own_lsn, lsn)
-        self._written_lsn = max(self._written_lsn, lsn)
+        if lsn > self._written_lsn:
+            self._written_lsn = lsn
+            # Replica lag is measured against this position too, not only the probes'.
+            self._health.observe_primary_lsn(lsn)
 
     def _primary_demoted(self, why: str) -> None:
         """The primary turned read-only: drain its pool so new connections find the

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = ("overhead", "faults", "strategies", "scale") + (
+EXPECTED = ("overhead", "faults", "strategies", "scale", "ryw") + (
     ("pgpool",) if shutil.which("pgpool") or Path("/usr/sbin/pgpool").exists() else ()
 )
 
