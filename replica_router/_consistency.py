@@ -132,12 +132,14 @@ class ConsistencyState:
         verified: ``client_lsn`` was checked against the primary (and zeroed if bad).
         own_lsn: the position covering this request's own commits.
         wrote: a writer committed statements during this request.
+        lsn_missing: a commit's position could not be read on its connection.
     """
 
     client_lsn: int = 0
     verified: bool = False
     own_lsn: int = 0
     wrote: bool = False
+    lsn_missing: bool = False
 
 
 _STATE: contextvars.ContextVar[ConsistencyState | None] = contextvars.ContextVar(

@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
+from sqlalchemy.util import concurrency as _concurrency
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -66,9 +68,14 @@ logger = logging.getLogger("replica_router")
 
 # Checkout failures worth another attempt: the node is down or momentarily full.
 _RETRY_AT_CHECKOUT = NODE_DOWN | {ErrorKind.TOO_MANY_CONNECTIONS}
-# Set on a primary connection by any statement; read (and cleared) after COMMIT to
-# know whether the transaction's WAL position is worth a round trip.
+# Set on a primary connection by any statement, and at COMMIT if statements ran;
+# read (and cleared) when the connection goes back to the pool, to know whether the
+# transaction's WAL position is worth a round trip.
 _RAN_STATEMENTS = "replica_router.ran_statements"
+_COMMITTED = "replica_router.committed"
+_await: Callable[[Awaitable[Any]], Any] = (
+    getattr(_concurrency, "await_", None) or _concurrency.await_only
+)
 _WAL_INSERT_LSN = "SELECT pg_current_wal_insert_lsn()"
 _REPLAY_LSN = "SELECT pg_last_wal_replay_lsn()"
 
@@ -211,7 +218,10 @@ class ReplicaRouter:
         self._reader_dependencies: dict[ReadPolicy, ReaderDependency] = {}
         self._primary_lsn_refresh: asyncio.Future[int | None] | None = None
         self._written_lsn = 0
-        event.listen(self.primary.engine.sync_engine, "before_cursor_execute", _ran_statement)
+        primary_engine = self.primary.engine.sync_engine
+        event.listen(primary_engine, "before_cursor_execute", _ran_statement)
+        event.listen(primary_engine, "commit", _committing)
+        event.listen(primary_engine, "reset", self._on_reset)
         from .fastapi import (
             make_dependencies,
         )  # fastapi is a dependency; keep it out of import time
@@ -483,15 +493,12 @@ class ReplicaRouter:
         node: Node,
         maker: async_sessionmaker[AsyncSession],
         *,
-        hold: bool = False,
         need: int = 0,
         wait: bool = False,
     ) -> tuple[AsyncSession, str]:
         """A session on ``node`` whose connection is proven, and how it was decided.
 
         Args:
-            hold: bind the session to a connection of its own (writers), which stays
-                checked out after COMMIT so the WAL position can be read on it.
             need: a WAL position the node must have replayed; it is re-read before
                 the transaction begins.
             wait: wait for ``need`` up to ``consistency_wait``.
@@ -503,12 +510,7 @@ class ReplicaRouter:
         started = time.perf_counter()
         decision = "replica"
         try:
-            if hold:
-                held = await maker.kw["bind"].connect()
-                held.sync_connection.info.pop(_RAN_STATEMENTS, None)
-                session = maker(bind=held)
-            else:
-                session = maker()
+            session = maker()
             conn = await session.connection()
             try:
                 if need:
@@ -525,7 +527,7 @@ class ReplicaRouter:
                 raise
         except BaseException as exc:
             if session is not None:
-                await _release(session)
+                await _close_quietly(session)
             if isinstance(exc, Exception) and not isinstance(exc, _Behind):
                 kind = classify(exc, during_checkout=True)
                 if kind in _RETRY_AT_CHECKOUT:
@@ -707,7 +709,6 @@ class ReplicaRouter:
         node: Node,
         maker: async_sessionmaker[AsyncSession],
         *,
-        hold: bool = False,
         need: int = 0,
         wait: bool = False,
     ) -> tuple[AsyncSession, str]:
@@ -715,7 +716,7 @@ class ReplicaRouter:
         if self._is_fallback(node, maker):
             self._fallback_in_flight += 1
         try:
-            return await self._open(node, maker, hold=hold, need=need, wait=wait)
+            return await self._open(node, maker, need=need, wait=wait)
         except BaseException:
             self._leave(node, maker)
             raise
@@ -735,7 +736,7 @@ class ReplicaRouter:
         async def attempt(number: int) -> AsyncSession:
             if number > 1:
                 primary.state.retries += 1
-            session, _ = await self._enter(primary, maker, hold=True)
+            session, _ = await self._enter(primary, maker)
             if not primary.state.up:  # a working connection proves it
                 primary.state.up = True
                 logger.info("primary %s is reachable again", primary.name)
@@ -906,53 +907,78 @@ class ReplicaRouter:
         session = await self._checkout_writer(maker)
         node = self.primary
         node.state.sessions += 1
+        # The pool's reset hook (_on_reset) records this commit's WAL position here.
+        state = current_state(create=True) if self.settings.read_your_writes != "off" else None
+        committing = False
+
+        def flush_then_commit(sync_session: Session) -> None:
+            # One greenlet hop for both; a failure while flushing is certain (nothing
+            # was committed), one during COMMIT may not be.
+            nonlocal committing
+            sync_session.flush()
+            committing = True
+            sync_session.commit()
+
         try:
             try:
                 yield session
-                # Flush first: a failure there is certain (nothing committed).
-                await session.flush()
-            except Exception as exc:
-                if classify(exc) is ErrorKind.READ_ONLY:
-                    self._primary_demoted("a write on the primary failed with 25006 (read-only)")
-                raise
-            try:
-                await session.commit()
+                await session.run_sync(flush_then_commit)
             except Exception as exc:
                 kind = classify(exc)
                 if kind is ErrorKind.READ_ONLY:
-                    self._primary_demoted("COMMIT on the primary failed with 25006 (read-only)")
-                if kind in NODE_DOWN:
+                    self._primary_demoted("a write on the primary failed with 25006 (read-only)")
+                if committing and kind in NODE_DOWN:
                     node.state.mark_down("down: connection lost during COMMIT", type(exc).__name__)
                     raise CommitOutcomeUnknownError(
                         "the connection to the primary was lost during COMMIT; the "
                         "transaction may or may not have committed"
                     ) from exc
                 raise
-            await self._after_commit(session)
+            if state is not None:
+                await self._after_commit(state)
         finally:
             self._leave(node, maker)
-            await _release(session)
+            await _close_quietly(session)
 
-    async def _after_commit(self, session: AsyncSession) -> None:
-        """Remember that this request or task wrote, and where the WAL was then."""
-        mode = self.settings.read_your_writes
-        held = session.bind
-        if mode == "off" or not isinstance(held, AsyncConnection):
+    def _on_reset(self, dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        """Pool ``reset`` on the primary: a connection goes back after its transaction.
+
+        If that transaction ran statements and committed, read the WAL position on
+        this connection before anyone else can have it (one round trip, no BEGIN),
+        for the request or task that committed (contextvars reach SQLAlchemy's
+        greenlet). It runs inside the greenlet of the COMMIT, so it may await.
+        """
+        info = record.info
+        info.pop(_RAN_STATEMENTS, None)
+        if not info.pop(_COMMITTED, False):
             return
-        if not held.sync_connection or not held.sync_connection.info.pop(_RAN_STATEMENTS, False):
-            return  # nothing ran: nothing to wait for
-        state = current_state(create=True)
-        assert state is not None
+        state = current_state()
+        if state is None:
+            return
         state.wrote = True
-        if mode != "lsn":
+        if self.settings.read_your_writes != "lsn":
             return
-        lsn: int | None
+        if reset_state.terminate_only or not reset_state.asyncio_safe:
+            state.lsn_missing = True
+            return
         try:
-            driver = (await _raw_connection(held)).driver_connection
-            async with asyncio.timeout(self.settings.connect_timeout):
-                lsn = int(await driver.fetchval(_WAL_INSERT_LSN))
+            lsn = _await(
+                record.driver_connection.fetchval(
+                    _WAL_INSERT_LSN, timeout=self.settings.connect_timeout
+                )
+            )
         except Exception:
-            await _invalidate(held, RuntimeError("reading the WAL position failed"))
+            logger.debug("reading the WAL position after COMMIT failed", exc_info=True)
+            state.lsn_missing = True
+            return
+        if lsn is not None and int(lsn) > state.own_lsn:
+            state.own_lsn = int(lsn)
+
+    async def _after_commit(self, state: ConsistencyState) -> None:
+        """After a writer committed: fill in a position the reset hook could not read,
+        and let replica lag be measured against it too."""
+        if state.lsn_missing:
+            state.lsn_missing = False
             # Any position read after COMMIT returned covers the commit.
             lsn = await self._current_primary_lsn()
             if lsn is None:
@@ -961,11 +987,10 @@ class ReplicaRouter:
                     "reads of this client may not see this write"
                 )
                 return
-        state.own_lsn = max(state.own_lsn, lsn)
-        if lsn > self._written_lsn:
-            self._written_lsn = lsn
-            # Replica lag is measured against this position too, not only the probes'.
-            self._health.observe_primary_lsn(lsn)
+            state.own_lsn = max(state.own_lsn, lsn)
+        if state.own_lsn > self._written_lsn:
+            self._written_lsn = state.own_lsn
+            self._health.observe_primary_lsn(state.own_lsn)
 
     def _primary_demoted(self, why: str) -> None:
         """The primary turned read-only: drain its pool so new connections find the
@@ -1216,15 +1241,11 @@ def _ran_statement(conn: Any, *args: Any) -> None:
     conn.info[_RAN_STATEMENTS] = True
 
 
-async def _release(session: AsyncSession) -> None:
-    """Close a session and, for a writer, the connection it held."""
-    held = session.bind
-    await _close_quietly(session)
-    if isinstance(held, AsyncConnection):
-        try:
-            await held.close()
-        except Exception:
-            logger.debug("returning a connection failed", exc_info=True)
+def _committing(conn: Any) -> None:
+    """``commit`` on the primary: a transaction that ran statements commits."""
+    info = conn.info
+    if info.get(_RAN_STATEMENTS):
+        info[_COMMITTED] = True
 
 
 async def _close_quietly(session: AsyncSession) -> None:

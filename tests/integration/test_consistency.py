@@ -23,6 +23,7 @@ from ryw_app import create_app
 from sqlalchemy import text
 
 from replica_router import ReadYourWritesMiddleware, ReplicaRouter, RouterSettings
+from replica_router._consistency import parse_lsn
 from replica_router.testing import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -356,3 +357,38 @@ async def test_a_write_on_one_worker_is_read_back_through_the_other(
     # Without the cookie, the other worker reads a paused replica: stale.
     async with httpx.AsyncClient(base_url=two_workers) as client:
         assert (await client.get(f"/notes/{note}")).status_code == 404
+
+
+async def test_only_committed_writes_set_a_position(notes: LocalCluster) -> None:
+    router = make_router(notes, read_your_writes="lsn")
+    async with router:
+
+        async def rolled_back() -> str | None:
+            try:
+                async with router.writer_session() as db:
+                    await db.execute(text("INSERT INTO ryw_notes (body) VALUES ('no')"))
+                    raise RuntimeError("the endpoint failed")
+            except RuntimeError:
+                pass
+            return router.consistency_token()
+
+        async def read_only() -> str | None:
+            async with router.writer_session() as db:
+                await db.execute(text("SELECT 1"))
+            return router.consistency_token()
+
+        async def committed() -> str | None:
+            async with router.writer_session() as db:
+                await db.execute(text("INSERT INTO ryw_notes (body) VALUES ('yes')"))
+            return router.consistency_token()
+
+        assert await asyncio.create_task(rolled_back()) is None
+        # A transaction that only read still committed: it gets a (harmless) position.
+        assert await asyncio.create_task(read_only()) is not None
+        token = await asyncio.create_task(committed())
+        assert token is not None
+        current = notes.execute("primary", "SELECT pg_current_wal_insert_lsn()")[0][0]
+        lsn = router.codec.decode(token)
+        assert lsn is not None
+        # The position covers the commit: at most the primary's position now.
+        assert lsn <= (parse_lsn(current) or 0)
