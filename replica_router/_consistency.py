@@ -185,10 +185,6 @@ class ReadYourWritesMiddleware:
             f"; Max-Age={settings.lsn_cookie_max_age}; Path=/; HttpOnly; SameSite=Lax"
         )
 
-    @property
-    def router(self) -> ReplicaRouter:
-        return self._router
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._router.settings.read_your_writes == "off":
             await self._app(scope, receive, send)
@@ -235,7 +231,7 @@ class ReadYourWritesMiddleware:
             elif claimed > best:
                 best = claimed
         if rejected and not best:
-            self._router.note_rejected_token()
+            self._router._note_rejected_token()
         return best
 
 

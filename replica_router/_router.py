@@ -506,11 +506,10 @@ class ReplicaRouter:
         Raises:
             _Behind: the replica did not replay ``need`` in time.
         """
-        session: AsyncSession | None = None
+        session = maker()
         started = time.perf_counter()
         decision = "replica"
         try:
-            session = maker()
             conn = await session.connection()
             try:
                 if need:
@@ -526,8 +525,7 @@ class ReplicaRouter:
                 await _invalidate(conn, exc)
                 raise
         except BaseException as exc:
-            if session is not None:
-                await _close_quietly(session)
+            await _close_quietly(session)
             if isinstance(exc, Exception) and not isinstance(exc, _Behind):
                 kind = classify(exc, during_checkout=True)
                 if kind in _RETRY_AT_CHECKOUT:
@@ -540,17 +538,14 @@ class ReplicaRouter:
 
     async def _await_replay(self, conn: AsyncConnection, node: Node, need: int, wait: bool) -> str:
         """Re-read the replica's replay position until it reaches ``need`` or time is up."""
-        raw = await conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
+        driver = (await _raw_connection(conn)).driver_connection
+        timeout = self.settings.connect_timeout
         state = node.state
         deadline = time.monotonic() + (self.settings.consistency_wait if wait else 0.0)
         pause = 0.002
         waited = False
         while True:
-            lsn = await asyncio.wait_for(
-                driver.fetchval(_REPLAY_LSN), self.settings.connect_timeout
-            )
+            lsn = await driver.fetchval(_REPLAY_LSN, timeout=timeout)
             if lsn is None:  # not in recovery: a promoted "replica"
                 raise _Behind()
             lsn = int(lsn)
@@ -587,9 +582,9 @@ class ReplicaRouter:
             if policy.read_your_writes == "request":
                 if state.wrote:
                     to_primary = "primary_after_write"
-            elif state.client_lsn and not state.verified:
-                need = await self._required_lsn(state, policy)
             else:
+                if state.client_lsn and not state.verified:
+                    await self._verify_client_lsn(state, policy)
                 need = max(state.client_lsn, state.own_lsn)
 
         async def attempt(number: int) -> tuple[AsyncSession, Node]:
@@ -644,19 +639,16 @@ class ReplicaRouter:
             )
         return self._primary_for_reads(tried, why)
 
-    async def _required_lsn(self, state: ConsistencyState, policy: ReadPolicy) -> int:
-        """The WAL position this read must see: the client's claim once checked, and
-        this request's own writes."""
-        if state.client_lsn and not state.verified:
-            state.verified = True
-            if state.client_lsn > self._known_primary_lsn():
-                current = await self._current_primary_lsn()
-                if current is None or state.client_lsn > current:
-                    # Forged, from another cluster, or not checkable now: never trusted.
-                    logger.debug("ignoring a client WAL position beyond the primary's")
-                    state.client_lsn = 0
-                    policy.decisions["token_ignored"] += 1
-        return max(state.client_lsn, state.own_lsn)
+    async def _verify_client_lsn(self, state: ConsistencyState, policy: ReadPolicy) -> None:
+        """Check the client's claimed position once: beyond the primary's, it is dropped."""
+        state.verified = True
+        if state.client_lsn > self._known_primary_lsn():
+            current = await self._current_primary_lsn()
+            if current is None or state.client_lsn > current:
+                # Forged, from another cluster, or not checkable now: never trusted.
+                logger.debug("ignoring a client WAL position beyond the primary's")
+                state.client_lsn = 0
+                policy.decisions["token_ignored"] += 1
 
     def _known_primary_lsn(self) -> int:
         return max(self._health.primary_lsn or 0, self._written_lsn)
@@ -685,9 +677,8 @@ class ReplicaRouter:
 
     async def _query_primary_lsn(self) -> int:
         async with self.primary.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            assert raw.driver_connection is not None
-            return int(await raw.driver_connection.fetchval(_WAL_INSERT_LSN))
+            driver = (await _raw_connection(conn)).driver_connection
+            return int(await driver.fetchval(_WAL_INSERT_LSN))
 
     async def _with_retries(self, attempt: Callable[[int], Awaitable[T]], attempts: int) -> T:
         """Run ``attempt(1)``; if it fails with ``_CheckoutFailed``, retry it with tenacity.
@@ -864,7 +855,7 @@ class ReplicaRouter:
         """Encodes and checks position tokens (signed with ``lsn_secret`` if set)."""
         return self._codec
 
-    def note_rejected_token(self) -> None:
+    def _note_rejected_token(self) -> None:
         """Count a malformed or badly signed token (the middleware calls this)."""
         self._default_policy.decisions["token_ignored"] += 1
 

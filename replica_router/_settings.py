@@ -101,7 +101,8 @@ def _split_urls(value: Any) -> Any:
     return value
 
 
-def _empty_is_none(value: Any) -> Any:
+def _secret(value: Any) -> Any:
+    """Empty means no secret; otherwise it must be long enough to sign with."""
     if isinstance(value, str) and not value.strip():
         return None
     if isinstance(value, str) and len(value) < 16:
@@ -219,7 +220,7 @@ class RouterSettings(BaseSettings):
     lsn_cookie_max_age: int = Field(
         default=300, ge=1, description="seconds the position cookie lives, >= 1"
     )
-    lsn_secret: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = Field(
+    lsn_secret: Annotated[SecretStr | None, BeforeValidator(_secret)] = Field(
         default=None,
         description=(
             "key that signs positions (HMAC-SHA256), at least 16 characters; the same on "

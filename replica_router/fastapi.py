@@ -72,7 +72,7 @@ def make_reader(open_session: Callable[[], Any], name: str) -> ReaderDependency:
     return reader
 
 
-def _scope(open_session: Callable[[], Any]) -> Callable[[], AsyncIterator[AsyncSession]]:
+def _scope(open_session: Callable[[], Any]) -> ReaderDependency:
     """A generator dependency that holds one session from ``open_session``."""
 
     async def session_scope() -> AsyncIterator[AsyncSession]:
