@@ -23,18 +23,24 @@ from urllib.parse import urlsplit
 _TIMEOUT = 10.0
 
 
-class _Connection:
-    def __init__(self, host: str, port: int) -> None:
+class Connection:
+    """One keep-alive HTTP/1.1 connection; with ``cookies`` (a dict), also a cookie jar."""
+
+    def __init__(self, host: str, port: int, cookies: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        self.cookies = cookies
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str) -> int:
+    async def request(self, method: str, path: str) -> tuple[int, bytes]:
+        """Send one request; its status and body."""
         reused = self.writer is not None
         if self.writer is None or self.reader is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 0\r\n\r\n"
-        self.writer.write(head.encode())
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 0\r\n"
+        if self.cookies:
+            head += "Cookie: " + "; ".join(f"{k}={v}" for k, v in self.cookies.items()) + "\r\n"
+        self.writer.write((head + "\r\n").encode("latin-1"))
         try:
             status_line = await self.reader.readline()
         except ConnectionResetError:
@@ -59,11 +65,13 @@ class _Connection:
                 length = int(value.strip())
             elif lname == "connection" and value.strip().lower() == "close":
                 close = True
-        if length:
-            await self.reader.readexactly(length)
+            elif lname == "set-cookie" and self.cookies is not None:
+                key, _, rest = value.strip().partition("=")
+                self.cookies[key.strip()] = rest.split(";", 1)[0].strip()
+        body = await self.reader.readexactly(length) if length else b""
         if close:
             self.close()
-        return status
+        return status, body
 
     def close(self) -> None:
         if self.writer is not None:
@@ -80,7 +88,7 @@ async def _worker(
     sent: list[str],
 ) -> None:
     url = urlsplit(args.base)
-    conn = _Connection(url.hostname or "127.0.0.1", url.port or 80)
+    conn = Connection(url.hostname or "127.0.0.1", url.port or 80)
     paths: list[str] = args.read_path or ["/items/"]
     for n in itertools.count():
         start = time.monotonic()
@@ -95,7 +103,7 @@ async def _worker(
             which = n % len(paths)
             method, path = "GET", f"{paths[which]}{(index * 7919 + n * 31) % args.ids + 1}"
         try:
-            status = await asyncio.wait_for(conn.request(method, path), _TIMEOUT)
+            status, _ = await asyncio.wait_for(conn.request(method, path), _TIMEOUT)
         except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ValueError):
             conn.close()
             status = 0

@@ -30,61 +30,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._loadgen import Connection
+
 _TIMEOUT = 10.0
-
-
-class _Browser:
-    """One keep-alive connection and one cookie jar."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.cookies: dict[str, str] = {}
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str) -> tuple[int, bytes]:
-        reused = self.writer is not None
-        if self.writer is None or self.reader is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Length: 0\r\n"
-        if self.cookies:
-            head += "Cookie: " + "; ".join(f"{k}={v}" for k, v in self.cookies.items()) + "\r\n"
-        self.writer.write((head + "\r\n").encode("latin-1"))
-        try:
-            status_line = await self.reader.readline()
-        except ConnectionResetError:
-            status_line = b""
-        if not status_line:
-            self.close()
-            if reused and method == "GET":
-                # An idle keep-alive connection was closed: send the GET again.
-                return await self.request(method, path)
-            raise ConnectionError("closed")
-        status = int(status_line.split()[1])
-        length = 0
-        close = False
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            lname = name.strip().lower()
-            if lname == "content-length":
-                length = int(value.strip())
-            elif lname == "connection" and value.strip().lower() == "close":
-                close = True
-            elif lname == "set-cookie":
-                key, _, rest = value.strip().partition("=")
-                self.cookies[key.strip()] = rest.split(";", 1)[0].strip()
-        body = await self.reader.readexactly(length) if length else b""
-        if close:
-            self.close()
-        return status, body
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 _ERRORS = (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ValueError)
@@ -95,7 +43,7 @@ async def _client(
 ) -> None:
     rng = random.Random(args.seed * 1000 + index)
     url = urlsplit(args.base)
-    browser = _Browser(url.hostname or "127.0.0.1", url.port or 80)
+    browser = Connection(url.hostname or "127.0.0.1", url.port or 80, cookies={})
     deadline = time.monotonic() + args.seconds
     latest: int | None = None
     written_at = 0.0
