@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import concurrency as _concurrency
 from tenacity import (
     AsyncRetrying,
@@ -49,6 +50,7 @@ from ._exceptions import (
 )
 from ._health import HealthChecker, update_eligibility
 from ._nodes import Node, NodeState, Role, mask_url
+from ._pool import FairAsyncQueuePool
 from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error
 from ._selection import Selector, make_selector
 from ._settings import ENV_PREFIX, RouterSettings, parse_url, split_replica_options
@@ -266,13 +268,14 @@ class ReplicaRouter:
         session_options: Mapping[str, Any],
     ) -> Node:
         s = self.settings
-        options: dict[str, Any] = {
-            "pool_size": s.pool_size,
-            "max_overflow": s.max_overflow,
-            "pool_timeout": s.pool_timeout,
-            "pool_recycle": s.pool_recycle,
-            **engine_options,
-        }
+        options: dict[str, Any] = {"pool_recycle": s.pool_recycle}
+        poolclass = engine_options.get("poolclass", FairAsyncQueuePool)
+        if issubclass(poolclass, QueuePool):
+            # Sizing applies to queue pools only (NullPool and friends refuse it).
+            options.update(
+                pool_size=s.pool_size, max_overflow=s.max_overflow, pool_timeout=s.pool_timeout
+            )
+        options.update(engine_options, poolclass=poolclass)
         connect_args = dict(options.get("connect_args", {}))
         connect_args.setdefault("timeout", s.connect_timeout)
         connect_args["server_settings"] = {

@@ -1,0 +1,120 @@
+"""A connection pool that serves waiters first come, first served.
+
+SQLAlchemy's ``AsyncAdaptedQueuePool`` keeps idle connections in an
+``asyncio.Queue``. A returned connection wakes the oldest waiter but stays in the
+queue, and any task that asks before that waiter runs takes it; the woken waiter
+queues again at the back. Under contention (more sessions than connections) a task
+that returns a connection and asks again in the same loop step keeps winning, and
+a waiter can lose until the pool timeout.
+
+:class:`FairAsyncQueuePool` hands a returned connection straight to the oldest
+waiter; the idle list is used only while nobody waits. It relies on one private
+hook of SQLAlchemy, ``QueuePool._queue_class`` (present since SQLAlchemy 1.4;
+``tests/unit/test_pool.py`` pins it).
+
+Example::
+
+    engine = create_async_engine(url, poolclass=FairAsyncQueuePool, pool_size=10)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.util import concurrency as _concurrency
+from sqlalchemy.util import queue as _sa_queue
+
+__all__ = ["FairAsyncQueuePool", "HandOffQueue"]
+
+T = TypeVar("T")
+
+# SQLAlchemy 2.1 renamed await_only to await_; 2.0 has only the old name.
+_await: Callable[[Awaitable[Any]], Any] = (
+    getattr(_concurrency, "await_", None) or _concurrency.await_only
+)
+
+
+class HandOffQueue(_sa_queue.QueueCommon[T]):
+    """SQLAlchemy's pool queue interface, first come, first served.
+
+    ``put`` gives the item to the oldest waiting ``get`` if there is one, else keeps
+    it; ``get`` takes a kept item only when nobody is waiting before it. Blocking
+    ``get`` runs inside SQLAlchemy's greenlet, like ``AsyncAdaptedQueue``.
+    """
+
+    __slots__ = ("_items", "_waiters", "maxsize", "use_lifo")
+
+    def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
+        self.maxsize = maxsize
+        self.use_lifo = use_lifo
+        self._items: deque[T] = deque()
+        self._waiters: deque[asyncio.Future[T]] = deque()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: T) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a waiter that timed out or was cancelled is skipped
+                waiter.set_result(item)
+                return
+        if self.full():
+            raise _sa_queue.Full()
+        self._items.append(item)
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        # Never blocks: a pool never holds more than maxsize idle entries.
+        self.put_nowait(item)
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise _sa_queue.Empty()
+        return self._items.pop() if self.use_lifo else self._items.popleft()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        if self._items or not block:
+            return self.get_nowait()
+        result: T = _await(self._wait(timeout))
+        return result
+
+    async def _wait(self, seconds: float | None) -> T:
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(seconds):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Handed an item in the same step we were cancelled or timed out:
+                # pass it on rather than lose a connection.
+                self.put_nowait(waiter.result())
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise _sa_queue.Empty() from None
+            raise
+
+
+class FairAsyncQueuePool(AsyncAdaptedQueuePool):
+    """``AsyncAdaptedQueuePool`` whose waiters are served in arrival order.
+
+    The default pool of every node; pass ``poolclass=`` in ``engine_options`` to
+    use another.
+    """
+
+    _queue_class: type[_sa_queue.QueueCommon[ConnectionPoolEntry]] = HandOffQueue
