@@ -23,28 +23,40 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextvars
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
-if TYPE_CHECKING:
-    from ._router import ReplicaRouter
+from ._settings import RouterSettings
 
 __all__ = [
     "DECISIONS",
+    "REPLAY_LSN_SQL",
+    "WAL_INSERT_LSN_SQL",
     "ConsistencyState",
+    "PositionSource",
+    "PrimaryPosition",
     "ReadPolicy",
     "ReadYourWritesMiddleware",
     "TokenCodec",
     "current_state",
     "format_lsn",
+    "install_middleware",
     "parse_lsn",
 ]
+
+logger = logging.getLogger("replica_router")
+
+# WAL positions as plain integers (bytes since 0/0), whatever the driver makes of pg_lsn.
+WAL_INSERT_LSN_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+REPLAY_LSN_SQL = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
 
 ReadYourWrites = Literal["off", "request", "lsn"]
 
@@ -142,6 +154,66 @@ class ConsistencyState:
     lsn_missing: bool = False
 
 
+class PrimaryPosition:
+    """The primary's WAL position as far as this process knows it.
+
+    Probes and commits feed it; :meth:`current` asks the primary, one query shared by
+    concurrent callers.
+
+    Args:
+        probed: the newest position the health probes saw.
+        query: asks the primary for its WAL insert position now.
+        timeout: bound on that query.
+        observe: told of every commit's position (replica lag is measured against it).
+    """
+
+    __slots__ = ("_observe", "_probed", "_query", "_refresh", "_timeout", "written")
+
+    def __init__(
+        self,
+        probed: Callable[[], int | None],
+        query: Callable[[], Awaitable[Any]],
+        timeout: float,
+        observe: Callable[[int], None],
+    ) -> None:
+        self._probed = probed
+        self._query = query
+        self._timeout = timeout
+        self._observe = observe
+        self._refresh: asyncio.Future[int | None] | None = None
+        self.written = 0
+
+    def known(self) -> int:
+        """The newest position seen, without a query."""
+        return max(self._probed() or 0, self.written)
+
+    def committed(self, lsn: int) -> None:
+        """A writer's commit reached ``lsn``."""
+        if lsn > self.written:
+            self.written = lsn
+            self._observe(lsn)
+
+    async def current(self) -> int | None:
+        """The primary's WAL insert position now, or None if it cannot be read."""
+        pending = self._refresh
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._refresh = pending
+        lsn: int | None = None
+        try:
+            lsn = int(await asyncio.wait_for(self._query(), self._timeout))
+        except Exception:
+            logger.debug("could not read the primary's WAL position", exc_info=True)
+        finally:
+            self._refresh = None
+            if not pending.done():  # also when cancelled: never strand the waiters
+                pending.set_result(lsn)
+        if lsn is not None:
+            self.written = max(self.written, lsn)
+        return lsn
+
+
 _STATE: contextvars.ContextVar[ConsistencyState | None] = contextvars.ContextVar(
     "replica_router_consistency", default=None
 )
@@ -163,6 +235,21 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class PositionSource(Protocol):
+    """What the middleware needs: settings, a token codec, a counter of bad tokens.
+
+    A :class:`~replica_router.ReplicaRouter` is one.
+    """
+
+    @property
+    def settings(self) -> RouterSettings: ...
+
+    @property
+    def codec(self) -> TokenCodec: ...
+
+    def _note_rejected_token(self) -> None: ...
+
+
 class ReadYourWritesMiddleware:
     """Carries the client's WAL position in and out of every HTTP request.
 
@@ -175,7 +262,7 @@ class ReadYourWritesMiddleware:
 
     __slots__ = ("_app", "_cookie", "_cookie_suffix", "_header", "_router")
 
-    def __init__(self, app: ASGIApp, router: ReplicaRouter) -> None:
+    def __init__(self, app: ASGIApp, router: PositionSource) -> None:
         self._app = app
         self._router = router
         settings = router.settings
@@ -233,6 +320,29 @@ class ReadYourWritesMiddleware:
         if rejected and not best:
             self._router._note_rejected_token()
         return best
+
+
+def install_middleware(app: Any, source: PositionSource) -> None:
+    """Wrap a started Starlette/FastAPI app's built middleware stack in the middleware
+    (``app.add_middleware`` is refused once an app started); nothing if it is there or
+    read-your-writes is off."""
+    if source.settings.read_your_writes == "off":
+        return
+    added = getattr(app, "user_middleware", ())
+    if any(getattr(m, "cls", None) is ReadYourWritesMiddleware for m in added):
+        return
+    if not hasattr(app, "middleware_stack") or not hasattr(app, "build_middleware_stack"):
+        logger.warning(
+            "cannot install ReadYourWritesMiddleware on %r; wrap the app in it",
+            type(app).__name__,
+        )
+        return
+    stack = app.middleware_stack
+    if isinstance(stack, ReadYourWritesMiddleware):
+        return
+    if stack is None:  # the lifespan was run by hand (a test), not by the app
+        stack = app.build_middleware_stack()
+    app.middleware_stack = ReadYourWritesMiddleware(stack, source)
 
 
 def _cookie_value(header: str, name: str) -> str | None:

@@ -19,32 +19,25 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-from sqlalchemy.engine import URL
-
-from ._nodes import Node, Role
+from ._drivers import ProbeConnection
+from ._nodes import Node, Role, Topology
 from ._settings import RouterSettings
 
-__all__ = ["HealthChecker", "ProbeResult", "update_eligibility"]
+__all__ = ["HealthChecker", "ProbeResult", "describe", "update_eligibility"]
 
 logger = logging.getLogger("replica_router.health")
 
+# Positions as bytes since 0/0 (an integer whatever the driver makes of pg_lsn).
 _PROBE_SQL = """
 SELECT pg_is_in_recovery(),
-       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-            ELSE pg_current_wal_lsn() END,
+       pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                            ELSE pg_current_wal_lsn() END, '0/0')::bigint,
        current_setting('server_version')
 """
-# Keys of SQLAlchemy's asyncpg adapter that asyncpg.connect() does not take.
-_ADAPTER_KEYS = (
-    "prepared_statement_cache_size",
-    "prepared_statement_name_func",
-    "async_creator_fn",
-)
 # A replica must be this many times slower than the median of its peers (and
 # slower than the floor) to count as an outlier.
 OUTLIER_FACTOR = 4.0
@@ -59,21 +52,6 @@ class ProbeResult:
     lsn: int | None
     server_version: str
     latency: float
-
-
-Connector = Callable[[Node], Awaitable[Any]]
-
-
-def connect_kwargs(
-    url: URL, connect_args: dict[str, Any] | None = None
-) -> tuple[list[Any], dict[str, Any]]:
-    """asyncpg.connect() arguments for a URL, as the router's engines build them."""
-    dialect = url.set(drivername="postgresql+asyncpg").get_dialect()()
-    cargs, cparams = dialect.create_connect_args(url)
-    params = {**cparams, **(connect_args or {})}
-    for key in _ADAPTER_KEYS:
-        params.pop(key, None)
-    return list(cargs), params
 
 
 class _PrimaryHistory:
@@ -174,28 +152,27 @@ class HealthChecker:
         "_connect_args",
         "_connections",
         "_history",
-        "_nodes",
         "_on_primary_demoted",
         "_settings",
         "_stopping",
         "_tasks",
+        "_topology",
         "probes",
     )
 
     def __init__(
         self,
-        primary: Node,
-        replicas: Sequence[Node],
+        topology: Topology,
         settings: RouterSettings,
         *,
         connect_args: dict[str, Any] | None = None,
         on_primary_demoted: Callable[[str], None] | None = None,
     ) -> None:
         self._on_primary_demoted = on_primary_demoted
-        self._nodes = [primary, *replicas]
+        self._topology = topology
         self._settings = settings
         self._connect_args = dict(connect_args or {})
-        self._connections: dict[str, asyncpg.Connection] = {}
+        self._connections: dict[str, ProbeConnection] = {}
         self._history = _PrimaryHistory()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -210,6 +187,11 @@ class HealthChecker:
         """The newest WAL position the primary reported."""
         return self._history.newest
 
+    def node_down(self, node: Node) -> None:
+        """A request marked ``node`` down: recompute which replicas are fit."""
+        if node.role is Role.REPLICA:
+            update_eligibility(self._topology.replicas, self._settings)
+
     def observe_primary_lsn(self, lsn: int) -> None:
         """A primary WAL position seen outside the probes (after a writer's COMMIT)."""
         self._history.add(lsn, time.monotonic())
@@ -218,7 +200,7 @@ class HealthChecker:
         """Probe every node once, then keep probing in the background."""
         self._stopping.clear()
         await self.probe_all()
-        for node in self._nodes:
+        for node in self._topology.nodes:
             task = asyncio.create_task(self._loop(node), name=f"replica-router probe {node.name}")
             self._tasks.append(task)
 
@@ -236,8 +218,9 @@ class HealthChecker:
 
     async def probe_all(self) -> None:
         """One round: the primary first (replica lag is measured against it), then replicas."""
-        await self.probe(self._nodes[0])
-        await asyncio.gather(*(self.probe(n) for n in self._nodes[1:]))
+        topology = self._topology
+        await self.probe(topology.primary)
+        await asyncio.gather(*(self.probe(n) for n in topology.replicas))
 
     async def _loop(self, node: Node) -> None:
         interval = self._settings.health_interval
@@ -270,19 +253,16 @@ class HealthChecker:
     async def _query(self, node: Node) -> ProbeResult:
         conn = self._connections.get(node.name)
         if conn is None or conn.is_closed():
-            cargs, params = connect_kwargs(node.url, self._connect_args)
-            params["timeout"] = self._settings.health_timeout
-            params.setdefault("server_settings", {})
-            params["server_settings"] = {
-                **params["server_settings"],
-                "application_name": "replica-router-health",
-            }
-            conn = await asyncpg.connect(*cargs, **params)
+            conn = await node.driver.connect(
+                node.url,
+                self._connect_args,
+                connect_timeout=self._settings.health_timeout,
+                application_name="replica-router-health",
+            )
             self._connections[node.name] = conn
         started = time.perf_counter()
-        row = await conn.fetchrow(_PROBE_SQL)
+        row = await conn.fetch_row(_PROBE_SQL)
         latency = time.perf_counter() - started
-        assert row is not None
         lsn = row[1]
         return ProbeResult(
             in_recovery=bool(row[0]),
@@ -298,7 +278,7 @@ class HealthChecker:
 
     def _failed(self, node: Node, exc: BaseException) -> None:
         state = node.state
-        message = _describe(exc)
+        message = describe(exc)
         if state.mark_down(f"down: {message}", message):
             logger.warning("%s %s is down: %s", node.role.value, node.name, message)
 
@@ -333,16 +313,15 @@ class HealthChecker:
                 state.up = True
                 state.down_since = None
                 logger.info("%s %s is up again", node.role.value, node.name)
-        replicas = [n for n in self._nodes if n.role is Role.REPLICA]
         if node.role is Role.REPLICA:
-            update_eligibility(replicas, self._settings)
+            update_eligibility(self._topology.replicas, self._settings)
         elif not state.up:
             state.reason = "down"
         else:
             state.reason = None if result.in_recovery is False else "in recovery: not writable"
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """A short, password-free description of a probe failure."""
     if isinstance(exc, TimeoutError):
         return "probe timed out"

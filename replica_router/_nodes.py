@@ -1,16 +1,46 @@
-"""Nodes: one database server each, with its engine, sessionmaker and live state."""
+"""Nodes: one database server each, with its engine, sessionmakers and live state."""
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import enum
+import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import QueuePool
 
-__all__ = ["CHECKOUT_BUCKETS", "Node", "NodeState", "Role", "mask_url"]
+from ._drivers import AsyncpgDriver, Driver, driver_for
+from ._exceptions import ConfigurationError
+from ._pool import FairAsyncQueuePool
+from ._settings import RouterSettings, parse_url, split_replica_options
+from ._urls import mask_url
+
+__all__ = [
+    "CHECKOUT_BUCKETS",
+    "Node",
+    "NodeState",
+    "Role",
+    "Topology",
+    "build_node",
+    "build_topology",
+    "dispose_node",
+    "mask_url",
+    "read_only_hook",
+]
+
+logger = logging.getLogger("replica_router")
 
 # Upper bounds (seconds) of the checkout-latency histogram, Prometheus style.
 CHECKOUT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -21,13 +51,6 @@ class Role(enum.StrEnum):
 
     PRIMARY = "primary"
     REPLICA = "replica"
-
-
-def mask_url(url: URL) -> str:
-    """The URL as text with its password hidden, in the userinfo or the query."""
-    if "password" in url.query:
-        url = url.update_query_dict({"password": "***"})
-    return url.render_as_string(hide_password=True)
 
 
 @dataclass(slots=True)
@@ -105,6 +128,7 @@ class Node:
             ``sessionmaker`` for a replica; for the primary, the one fallback reads use).
         weight: share of reads under the ``weighted`` strategy.
         state: live health and counters.
+        driver: the driver seam for its URL.
     """
 
     name: str
@@ -115,6 +139,119 @@ class Node:
     reader_sessionmaker: async_sessionmaker[AsyncSession]
     weight: float = 1.0
     state: NodeState = field(default_factory=NodeState)
+    driver: Driver = field(default_factory=AsyncpgDriver, repr=False)
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role.value} {mask_url(self.url)}>"
+
+
+@dataclass(slots=True, eq=False)
+class Topology:
+    """The nodes a router routes over, shared by its parts."""
+
+    primary: Node
+    replicas: tuple[Node, ...]
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The primary, then the replicas."""
+        return (self.primary, *self.replicas)
+
+
+def build_topology(
+    primary_url: str | URL,
+    replica_urls: Sequence[str | URL],
+    settings: RouterSettings,
+    engine_options: Mapping[str, Any],
+    session_options: Mapping[str, Any],
+) -> Topology:
+    """Every node of a router, from its URLs (checked, naming the parameter)."""
+    if isinstance(replica_urls, str | URL):
+        raise ConfigurationError("replica_urls must be a sequence of URLs, not one URL")
+    url = parse_url(primary_url, what="primary_url")
+    primary = build_node(
+        "primary", Role.PRIMARY, url, 1.0, settings, engine_options, session_options
+    )
+    replicas: list[Node] = []
+    for index, raw in enumerate(replica_urls, start=1):
+        what = f"replica_urls[{index - 1}]"
+        url, name, weight = split_replica_options(parse_url(raw, what=what), what=what)
+        name = name or f"replica-{index}"
+        replicas.append(
+            build_node(name, Role.REPLICA, url, weight, settings, engine_options, session_options)
+        )
+    names = [primary.name, *(r.name for r in replicas)]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"node names must be unique, got {names}")
+    return Topology(primary, tuple(replicas))
+
+
+def build_node(
+    name: str,
+    role: Role,
+    url: URL,
+    weight: float,
+    settings: RouterSettings,
+    engine_options: Mapping[str, Any],
+    session_options: Mapping[str, Any],
+) -> Node:
+    """A node with its own engine (a first-come-first-served pool unless the user
+    passed ``poolclass``) and sessionmakers; nothing connects yet."""
+    s = settings
+    driver = driver_for(url)
+    options: dict[str, Any] = {"pool_recycle": s.pool_recycle}
+    poolclass = engine_options.get("poolclass", FairAsyncQueuePool)
+    if issubclass(poolclass, QueuePool):
+        # Sizing applies to queue pools only (NullPool and friends refuse it).
+        options.update(
+            pool_size=s.pool_size, max_overflow=s.max_overflow, pool_timeout=s.pool_timeout
+        )
+    options.update(engine_options, poolclass=poolclass)
+    options["connect_args"] = driver.connect_args(
+        options.get("connect_args", {}),
+        timeout=s.connect_timeout,
+        application_name="replica-router",
+    )
+    engine = create_async_engine(url, **options)
+    if role is Role.REPLICA:
+        # A replica that turns out to be writable must still refuse writes: every
+        # transaction is READ ONLY, set once per connection.
+        event.listen(engine.sync_engine, "connect", read_only_hook(driver))
+    session_kwargs: dict[str, Any] = {"expire_on_commit": False, **session_options}
+    # A session used after its request (a background task, a stream) must fail
+    # loudly instead of silently reconnecting into a leaked transaction.
+    session_kwargs["close_resets_only"] = False
+    maker = async_sessionmaker(engine, **session_kwargs)
+    if role is Role.REPLICA:
+        reader_maker = maker
+    else:
+        readonly = engine.execution_options(postgresql_readonly=True)
+        reader_maker = async_sessionmaker(readonly, **session_kwargs)
+    return Node(name, role, url, engine, maker, reader_maker, weight, NodeState(), driver)
+
+
+_READ_ONLY_HOOKS: dict[str, Any] = {}
+
+
+def read_only_hook(driver: Driver) -> Any:
+    """The ``connect`` listener that makes a driver's connections READ ONLY (one per
+    driver, so it can be found with ``event.contains``)."""
+    hook = _READ_ONLY_HOOKS.get(driver.name)
+    if hook is None:
+
+        def read_only_connection(dbapi_connection: Any, record: Any) -> None:
+            driver.set_read_only(dbapi_connection)
+
+        hook = _READ_ONLY_HOOKS[driver.name] = read_only_connection
+    return hook
+
+
+async def dispose_node(node: Node, seconds: float) -> None:
+    """Close a node's pool within ``seconds``; a frozen server cannot hang shutdown."""
+    try:
+        await asyncio.wait_for(node.engine.dispose(), seconds)
+    except TimeoutError:
+        # A stopped (SIGSTOP) server never answers the goodbye.
+        logger.warning("%s %s did not close within %.1f s", node.role.value, node.name, seconds)
+    except Exception:
+        logger.warning("closing %s %s failed", node.role.value, node.name, exc_info=True)

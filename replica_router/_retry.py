@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import enum
 
+from ._drivers import DRIVERS
+
 __all__ = ["ErrorKind", "classify", "is_connection_error", "sqlstate_of"]
 
 
@@ -54,6 +56,9 @@ _BY_SQLSTATE = {
     "40P01": ErrorKind.DEADLOCK,
     "57014": ErrorKind.STATEMENT_TIMEOUT,
 }
+
+# Exception class names that mean a lost connection, for every driver.
+_CONNECTION_ERRORS = frozenset().union(*(d.connection_errors for d in DRIVERS.values()))
 
 # Kinds after which the node cannot be used: eject a replica, reconnect to the primary.
 NODE_DOWN = frozenset({ErrorKind.CONNECTION, ErrorKind.SHUTDOWN, ErrorKind.CANNOT_CONNECT_NOW})
@@ -106,12 +111,7 @@ def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
             continue
         if isinstance(item, OSError):
             return ErrorKind.CONNECTION
-        # asyncpg's "connection was closed in the middle of operation" and friends.
-        if type(item).__name__ in {
-            "ConnectionDoesNotExistError",
-            "ConnectionFailureError",
-            "InternalClientError",
-        }:
+        if type(item).__name__ in _CONNECTION_ERRORS:
             return ErrorKind.CONNECTION
     if state is None and during_checkout and _is_interface_error(exc):
         return ErrorKind.CONNECTION

@@ -1,7 +1,9 @@
 """Settings, read from ``REPLICA_ROUTER_*`` environment variables by pydantic-settings.
 
 Every field's description is the "what is expected" half of its error message and
-the README's configuration table, so the three never drift apart.
+the README's configuration table, so the three never drift apart. A variable under the
+prefix that is no setting (a typo such as ``REPLICA_ROUTER_REPLICA_URL``) is an error
+too, in the environment and in ``.env``; ``HARNESS_VARIABLES`` are the exceptions.
 
 Example::
 
@@ -12,19 +14,51 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
+import os
+import re
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from ._exceptions import ConfigurationError
-from ._nodes import mask_url
+from ._urls import mask_url
 
-__all__ = ["ENV_PREFIX", "RouterSettings", "parse_url", "split_replica_options"]
+__all__ = [
+    "ENV_PREFIX",
+    "HARNESS_VARIABLES",
+    "RouterSettings",
+    "parse_url",
+    "split_replica_options",
+]
 
 ENV_PREFIX = "REPLICA_ROUTER_"
+# REPLICA_ROUTER_* variables that are not router settings: the test harness and the
+# command line read them (each by this exact name, whatever the settings' prefix). They
+# share the environment and .env files with the settings, so they are not "unknown".
+HARNESS_VARIABLES: tuple[str, ...] = (
+    "REPLICA_ROUTER_PG_BIN",  # testing: directory of the PostgreSQL server binaries
+    "REPLICA_ROUTER_PG_USER",  # testing: the unprivileged server user when run as root
+    "REPLICA_ROUTER_TEST_REPLICAS",  # pytest plugin: replicas in the session cluster
+    "REPLICA_ROUTER_TEST_CLUSTER",  # pytest plugin: local or docker
+    "REPLICA_ROUTER_TEST_IMAGE",  # pytest plugin: the image of the Docker cluster
+    "REPLICA_ROUTER_PGBOUNCER",  # testing: the PgBouncer binary (transaction pooling)
+    "REPLICA_ROUTER_ETCD_BIN",  # testing: the etcd binary (Patroni clusters)
+)
+_README_TABLE = "the Configuration table of the README lists every setting"
 _ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg"}
 _URL_EXAMPLE = "postgresql+asyncpg://user:password@host:5432/database"
 # Query parameters that configure a replica; removed before the URL reaches asyncpg.
@@ -42,9 +76,11 @@ def parse_url(value: str | URL, *, what: str) -> URL:
         what: how to name the value in an error (a variable or parameter name).
 
     Raises:
-        ConfigurationError: not a URL, another scheme, or no host. The message never
-            repeats the URL, which may hold a password.
+        ConfigurationError: not a URL, another scheme, no host, a port outside 1..65535,
+            or a ``?host=`` entry that is empty or, among several, lacks a valid port.
+            The message never repeats the URL, which may hold a password.
     """
+    hosts: tuple[str, ...] = ()
     if isinstance(value, str):
         text = value.strip()
         if not text:
@@ -56,8 +92,10 @@ def parse_url(value: str | URL, *, what: str) -> URL:
             raise ConfigurationError(
                 f"{what} is not a database URL; expected a URL like {_URL_EXAMPLE}"
             ) from None
+        hosts = _host_entries(text, url)
     elif isinstance(value, URL):
         url = value
+        hosts = _host_entries(None, url)
     else:
         raise ConfigurationError(f"{what} must be a URL string, got {type(value).__name__}")
     if url.drivername not in _ACCEPTED_SCHEMES:
@@ -65,9 +103,96 @@ def parse_url(value: str | URL, *, what: str) -> URL:
             f"{what} has the unsupported scheme {url.drivername!r}; expected "
             "postgresql+asyncpg://, postgresql:// or postgres:// (all use asyncpg)"
         )
+    _check_hosts(url, hosts, what=what)
     if not url.host and "host" not in url.query:
         raise ConfigurationError(f"{what} names no host; expected a URL like {_URL_EXAMPLE}")
     return url.set(drivername="postgresql+asyncpg")
+
+
+_MULTI_HOST_EXAMPLE = "?host=h1:5432&host=h2:5432"
+# What a host name is shown as in an error; anything else (an "@", a password pasted
+# into the wrong place) is not repeated.
+_PLAIN_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
+def _host_entries(text: str | None, url: URL) -> tuple[str, ...]:
+    """The ``?host=`` values of a URL, blank ones included when the text is at hand."""
+    entries = url.query.get("host", ())
+    if text is not None and "host=" in text:
+        # make_url drops "host=" (blank) entries: a templated ?host=${SECOND} with an unset
+        # variable would silently lose a host. keep_blank_values is SQLAlchemy >= 2.1.6;
+        # older releases drop the blanks before anyone sees them.
+        with contextlib.suppress(TypeError):
+            entries = make_url(text, keep_blank_values=True).query.get("host", ())
+    return (entries,) if isinstance(entries, str) else tuple(entries)
+
+
+def _port_problem(port: str) -> str | None:
+    """Why ``port`` is not a TCP port ("is ..."), or None."""
+    if not port.isdecimal():
+        return "is not a number"
+    if not 1 <= int(port) <= 65535:
+        return f"is {int(port)}, out of range"
+    return None
+
+
+def _check_hosts(url: URL, hosts: tuple[str, ...], *, what: str) -> None:
+    """Refuse a port outside 1..65535 and ``?host=`` entries asyncpg cannot use.
+
+    Several entries (``?host=h1:5432&host=h2:5432``) each need ``host:port``: SQLAlchemy's
+    asyncpg dialect has no default port there (``create_engine`` raises). One entry may
+    be a bare host or a socket directory, which take the URL's port or 5432.
+    """
+    expected = "expected a number from 1 to 65535"
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ConfigurationError(
+            f"{what} has the port {url.port}, out of range; {expected}, like {_URL_EXAMPLE}"
+        )
+    ports = url.query.get("port", ())
+    for port in (ports,) if isinstance(ports, str) else ports:
+        for part in port.split(","):
+            problem = _port_problem(part.strip()) if part.strip() else None
+            if problem is not None:
+                raise ConfigurationError(f"{what} has a ?port= value that {problem}; {expected}")
+    secrets = [s for s in (url.password, url.query.get("password")) if isinstance(s, str) and s]
+    several = len(hosts) > 1
+    for number, entry in enumerate(hosts, start=1):
+        which = f"?host= entry {number}" if several else "?host= entry"
+        if not several and "," in entry:
+            # host=h1,h2&port=p1,p2: the ports are in ?port=, checked above.
+            if any(not part.strip() for part in entry.split(",")):
+                raise ConfigurationError(
+                    f"{what} has an empty host in its ?host= list; expected host:port for "
+                    f"every host, like {_MULTI_HOST_EXAMPLE}"
+                )
+            continue
+        host, colon, port = entry.partition(":")
+        if not host.strip():
+            raise ConfigurationError(
+                f"{what} has an empty {which}; expected host:port for every host, "
+                f"like {_MULTI_HOST_EXAMPLE}"
+            )
+        if not several and not colon:
+            continue  # one bare host, or a Unix socket directory
+        plain = _PLAIN_HOST.fullmatch(host) and not any(s in host for s in secrets)
+        which += f" ({host!r})" if plain else ""
+        if not port:
+            need = (
+                f"with several hosts each needs one, like {_MULTI_HOST_EXAMPLE}"
+                if several
+                else "expected host or host:port"
+            )
+            raise ConfigurationError(f"{what} has a {which} without a port; {need}")
+        if ":" in port:
+            raise ConfigurationError(
+                f"{what} has a {which} that is not host:port; expected entries like "
+                f"{_MULTI_HOST_EXAMPLE}"
+            )
+        problem = _port_problem(port)
+        if problem is not None:
+            raise ConfigurationError(
+                f"{what} has a {which} whose port {problem}; {expected}, like {_MULTI_HOST_EXAMPLE}"
+            )
 
 
 def split_replica_options(url: URL, *, what: str) -> tuple[URL, str | None, float]:
@@ -128,7 +253,9 @@ class RouterSettings(BaseSettings):
     """Every setting of a router, read from the environment and ``.env``.
 
     ``RouterSettings()`` reads ``REPLICA_ROUTER_*`` variables (``_env_prefix=`` changes
-    the prefix). Errors are :class:`ConfigurationError` naming the variable.
+    the prefix). Errors are :class:`ConfigurationError` naming the variable, also for a
+    variable under the prefix that is no setting; a keyword that is no setting is a
+    ``TypeError``.
     """
 
     model_config = SettingsConfigDict(
@@ -258,11 +385,31 @@ class RouterSettings(BaseSettings):
     )
 
     def __init__(self, **values: Any) -> None:
+        _check_keywords(values, "RouterSettings()")
         prefix = values.get("_env_prefix") or self.model_config.get("env_prefix") or ""
         try:
             super().__init__(**values)
         except ValidationError as exc:
             raise _configuration_error(exc, prefix) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The sources arrive built with the prefix, case rule and .env files in force for
+        # this construction (after _env_prefix=, _env_file=, _case_sensitive=): check the
+        # names here, before any value is read.
+        if isinstance(env_settings, EnvSettingsSource):
+            dotenv = dotenv_settings if isinstance(dotenv_settings, DotEnvSettingsSource) else None
+            _check_variable_names(settings_cls, env_settings, dotenv)
+        return super().settings_customise_sources(
+            settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        )
 
     @field_validator("replica_urls", mode="before")
     @classmethod
@@ -284,7 +431,12 @@ class RouterSettings(BaseSettings):
         """Settings from these values and defaults only, never from the environment.
 
         Errors name the parameter (``pool_size``) rather than a variable.
+
+        Raises:
+            TypeError: a keyword that is not a setting (``max_lag_second=``).
+            ConfigurationError: a value that is not valid for its setting.
         """
+        _check_keywords(values, "RouterSettings.defaults()")
         return cls(_env_prefix=_NO_ENV, _env_file=None, **values)
 
     def __repr_args__(self) -> Any:
@@ -295,6 +447,101 @@ class RouterSettings(BaseSettings):
             elif isinstance(value, list):
                 value = [mask_url(v) if isinstance(v, URL) else v for v in value]
             yield key, value
+
+
+# The keywords BaseSettings itself takes (_env_prefix=, _env_file=, ...).
+_SOURCE_KEYWORDS = frozenset(
+    name
+    for name in inspect.signature(BaseSettings.__init__).parameters
+    if name.startswith("_") and name != "__pydantic_self__"
+)
+
+
+def _check_keywords(values: Mapping[str, Any], where: str) -> None:
+    """A keyword that is no setting is a TypeError, as for any Python call.
+
+    Without it ``extra="ignore"`` would drop ``max_lag_second=1`` without a word.
+    """
+    fields = RouterSettings.model_fields
+    unknown = [name for name in values if name not in fields and name not in _SOURCE_KEYWORDS]
+    if not unknown:
+        return
+    if len(unknown) == 1:
+        (name,) = unknown
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else _README_TABLE
+        raise TypeError(f"{where} got an unexpected keyword argument {name!r}; {hint}")
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        problems.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    raise TypeError(
+        f"{where} got unexpected keyword arguments {', '.join(problems)}; {_README_TABLE}"
+    )
+
+
+def _check_variable_names(
+    settings_cls: type[BaseSettings],
+    env: EnvSettingsSource,
+    dotenv: DotEnvSettingsSource | None,
+) -> None:
+    """Refuse every variable under the prefix that is neither a setting nor a harness one.
+
+    A typo (``REPLICA_ROUTER_REPLICA_URL``) would otherwise leave its setting at the
+    default without a word. Names are compared the way pydantic-settings reads them
+    (case-insensitively unless ``case_sensitive``). Variables without the prefix, in the
+    environment or in a .env file, are none of our business.
+    """
+    prefix = env.env_prefix
+    if not prefix:
+        return  # with no prefix, every variable of the process would look like ours
+
+    def fold(name: str) -> str:
+        return name if env.case_sensitive else name.lower()
+
+    allowed = {fold(f"{prefix}{name}") for name in settings_cls.model_fields}
+    allowed.update(fold(name) for name in HARNESS_VARIABLES)
+    # Spelling suggestions compare what follows the prefix: the long shared prefix would
+    # make every name look close to every other.
+    candidates = {
+        fold(name[len(prefix) :]): name
+        for name in HARNESS_VARIABLES
+        if fold(name).startswith(fold(prefix))
+    }
+    candidates.update({fold(name): f"{prefix}{name.upper()}" for name in settings_cls.model_fields})
+
+    found: dict[str, list[str]] = {}
+
+    def collect(names: Iterable[str], where: str) -> None:
+        for name in names:
+            folded = fold(name)
+            if folded.startswith(fold(prefix)) and folded not in allowed:
+                places = found.setdefault(name, [])
+                if where not in places:
+                    places.append(where)
+
+    collect(os.environ, "the environment")
+    if dotenv is not None and dotenv.env_file is not None:
+        files = dotenv.env_file
+        for file in [files] if isinstance(files, str | os.PathLike) else files:
+            # A source of its own per file, case-sensitive, to name the variable as
+            # written and the file it is in; it reads the file as pydantic-settings does.
+            single = DotEnvSettingsSource(
+                settings_cls,
+                env_file=file,
+                env_file_encoding=dotenv.env_file_encoding,
+                env_file_depth=dotenv.env_file_depth,
+                case_sensitive=True,
+            )
+            collect(single.env_vars, os.fspath(file))
+    if not found:
+        return
+    lines = []
+    for name, places in sorted(found.items()):
+        close = difflib.get_close_matches(fold(name)[len(prefix) :], list(candidates), n=1)
+        hint = f"did you mean {candidates[close[0]]}?" if close else _README_TABLE
+        lines.append(f"{name} is not a setting; {hint} (in {' and '.join(places)})")
+    raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
 def _configuration_error(exc: ValidationError, prefix: str) -> ConfigurationError:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["NodeStatus", "ReadPolicyStatus", "RouterStatus"]
+from ._nodes import Node, Role
+from ._urls import mask_url
+
+__all__ = ["NodeStatus", "ReadPolicyStatus", "RouterStatus", "node_status"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +87,31 @@ class RouterStatus:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
         return asdict(self)
+
+
+def node_status(node: Node) -> NodeStatus:
+    """The snapshot of one node (its URL masked)."""
+    s = node.state
+    fit = s.up and (node.role is Role.PRIMARY or (s.in_recovery is not False and not s.lagging))
+    return NodeStatus(
+        name=node.name,
+        role=node.role.value,
+        server_role=None if s.in_recovery is None else ("replica" if s.in_recovery else "primary"),
+        url=mask_url(node.url),
+        healthy=fit,
+        reason=s.reason,
+        lag_seconds=s.lag_seconds,
+        lag_bytes=s.lag_bytes,
+        in_flight=s.in_flight,
+        latency_ms=None if s.latency is None else round(s.latency * 1000, 3),
+        last_error=s.last_error,
+        server_version=s.server_version,
+        sessions=s.sessions,
+        checkout_failures=s.checkout_failures,
+        ejections=s.ejections,
+        retries=s.retries,
+        failovers=s.failovers,
+        weight=node.weight,
+        checkout_histogram=tuple(s.checkout_counts),
+        checkout_seconds=s.checkout_seconds,
+    )

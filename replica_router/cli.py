@@ -27,13 +27,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import asyncpg
 from sqlalchemy.engine import URL
 
+from ._drivers import ProbeConnection, driver_for
 from ._exceptions import ConfigurationError
-from ._health import _describe, connect_kwargs
-from ._nodes import Role, mask_url
+from ._health import describe
+from ._nodes import Role
 from ._settings import ENV_PREFIX, RouterSettings, split_replica_options
+from ._urls import mask_url
 
 __all__ = ["CheckResult", "NodeCheck", "check", "main"]
 
@@ -100,43 +101,38 @@ def _lsn(text: str | None) -> int | None:
     return (int(high, 16) << 32) + int(low, 16)
 
 
-def _connect_kwargs(url: URL, timeout: float) -> tuple[list[Any], dict[str, Any]]:
-    """asyncpg.connect() arguments for a URL, as the router's engines would build them."""
-    cargs, params = connect_kwargs(url)
-    params["timeout"] = timeout
-    params["server_settings"] = {"application_name": "replica-router-check"}
-    return list(cargs), params
+async def _connect(url: URL, seconds: float) -> ProbeConnection:
+    connecting = driver_for(url).connect(
+        url, {}, connect_timeout=seconds, application_name="replica-router-check"
+    )
+    # The driver's own timeout covers one connection attempt; this bounds the whole.
+    return await asyncio.wait_for(connecting, seconds * 2)
 
 
-async def _connect(url: URL, seconds: float) -> Any:
-    cargs, params = _connect_kwargs(url, seconds)
-    # asyncpg's own timeout covers one connection attempt; this bounds the whole.
-    return await asyncio.wait_for(asyncpg.connect(*cargs, **params), seconds * 2)
-
-
-async def _close(conn: Any, seconds: float) -> None:
+async def _close(conn: ProbeConnection, seconds: float) -> None:
     try:
         await asyncio.wait_for(conn.close(), seconds)
     except Exception:
         conn.terminate()
 
 
-async def _probe(node: NodeCheck, conn: Any, seconds: float) -> int | None:
+async def _probe(node: NodeCheck, conn: ProbeConnection, seconds: float) -> int | None:
     """Query one connected node; return its WAL position (replay position on a replica)."""
     try:
-        row = await asyncio.wait_for(conn.fetchrow(_CHECK_SQL), seconds)
+        row = await asyncio.wait_for(conn.fetch_row(_CHECK_SQL), seconds)
     except Exception as exc:
         node.reachable = False
-        node.error = _describe(exc)
+        node.error = describe(exc)
         return None
+    in_recovery, lsn, server_version, replay_paused, replay_age = row
     node.reachable = True
-    node.in_recovery = bool(row["in_recovery"])
+    node.in_recovery = bool(in_recovery)
     node.server_role = "replica" if node.in_recovery else "primary"
-    node.server_version = str(row["server_version"])
-    node.replay_paused = row["replay_paused"]
-    if row["replay_age"] is not None:
-        node.lag_seconds = float(row["replay_age"])
-    return _lsn(row["lsn"])
+    node.server_version = str(server_version)
+    node.replay_paused = replay_paused
+    if replay_age is not None:
+        node.lag_seconds = float(replay_age)
+    return _lsn(lsn)
 
 
 async def check(settings: RouterSettings, *, connect_timeout: float | None = None) -> CheckResult:
@@ -166,11 +162,11 @@ async def check(settings: RouterSettings, *, connect_timeout: float | None = Non
         )
     result = CheckResult([node for node, _ in targets])
 
-    async def connect(node: NodeCheck, url: URL) -> Any:
+    async def connect(node: NodeCheck, url: URL) -> ProbeConnection | None:
         try:
             return await _connect(url, seconds)
         except Exception as exc:
-            node.error = _describe(exc)
+            node.error = describe(exc)
             return None
 
     connections = await asyncio.gather(*(connect(node, url) for node, url in targets))

@@ -1,7 +1,8 @@
 """FastAPI integration: the writer and reader dependencies and the health routes.
 
 Users never import from here: ``router.writer``, ``router.reader`` and
-``router.health_routes()`` are built from it.
+``router.health_routes()`` are built from it, over small interfaces (a callable
+that opens a session, a source of status), never the router itself.
 
 Example::
 
@@ -14,21 +15,27 @@ import math
 # No ``from __future__ import annotations`` here: FastAPI resolves the dependencies'
 # annotations at run time, and these name closures local to make_dependencies.
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._exceptions import NoHealthyNodeError
+from ._status import RouterStatus
 
-if TYPE_CHECKING:
-    from ._router import ReplicaRouter
-
-__all__ = ["health_routes", "make_dependencies", "make_reader"]
+__all__ = ["StatusSource", "health_routes", "make_dependencies", "make_reader"]
 
 WriterDependency = Callable[..., Coroutine[Any, Any, AsyncSession]]
 ReaderDependency = Callable[[], AsyncIterator[AsyncSession]]
+OpenSession = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+
+
+class StatusSource(Protocol):
+    """What the health routes read: a :class:`~replica_router.ReplicaRouter` is one."""
+
+    def status(self) -> RouterStatus: ...
 
 
 def _unavailable(exc: NoHealthyNodeError) -> HTTPException:
@@ -39,8 +46,10 @@ def _unavailable(exc: NoHealthyNodeError) -> HTTPException:
     )
 
 
-def make_dependencies(router: "ReplicaRouter") -> tuple[WriterDependency, ReaderDependency]:
-    """The ``writer`` and ``reader`` dependencies of one router.
+def make_dependencies(
+    writer_session: OpenSession, reader_session: OpenSession
+) -> tuple[WriterDependency, ReaderDependency]:
+    """The ``writer`` and ``reader`` dependencies over a router's session openers.
 
     The writer is a plain ``async def`` returning the session that a
     *function-scoped* generator dependency holds, so users write
@@ -53,7 +62,7 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[WriterDependency, Reader
     ``app.dependency_overrides[router.reader]`` works.
     """
 
-    writer_scope = _scope(router.writer_session)
+    writer_scope = _scope(writer_session)
 
     async def writer(
         session: Annotated[AsyncSession, Depends(writer_scope, scope="function")],
@@ -61,10 +70,10 @@ def make_dependencies(router: "ReplicaRouter") -> tuple[WriterDependency, Reader
         """A session on the primary, committed before the response is sent."""
         return session
 
-    return writer, make_reader(router.reader_session, "default")
+    return writer, make_reader(reader_session, "default")
 
 
-def make_reader(open_session: Callable[[], Any], name: str) -> ReaderDependency:
+def make_reader(open_session: OpenSession, name: str) -> ReaderDependency:
     """A reader dependency over ``open_session`` (a read policy's sessions)."""
     reader = _scope(open_session)
     reader.__doc__ = "A read-only session on a fit replica (or the primary as a fallback)."
@@ -72,7 +81,7 @@ def make_reader(open_session: Callable[[], Any], name: str) -> ReaderDependency:
     return reader
 
 
-def _scope(open_session: Callable[[], Any]) -> ReaderDependency:
+def _scope(open_session: OpenSession) -> ReaderDependency:
     """A generator dependency that holds one session from ``open_session``."""
 
     async def session_scope() -> AsyncIterator[AsyncSession]:
@@ -86,19 +95,20 @@ def _scope(open_session: Callable[[], Any]) -> ReaderDependency:
     return session_scope
 
 
-def health_routes(router: "ReplicaRouter", prefix: str = "/health") -> APIRouter:
+def health_routes(source: StatusSource, prefix: str = "/health") -> APIRouter:
     """Liveness (``{prefix}/live``: 200 while the primary is reachable, else 503) and
     detail (``{prefix}/nodes``: every node as JSON, passwords masked)."""
     routes = APIRouter(prefix=prefix, tags=["health"])
 
     @routes.get("/live", summary="200 while the primary is reachable")
     async def live() -> JSONResponse:
-        primary = router.primary.state
-        body = {"status": "ok" if primary.up else "unavailable", "primary": router.primary.name}
-        return JSONResponse(body, status_code=200 if primary.up else 503)
+        primary = source.status().primary
+        up = primary.healthy  # reachable, for the primary
+        body = {"status": "ok" if up else "unavailable", "primary": primary.name}
+        return JSONResponse(body, status_code=200 if up else 503)
 
     @routes.get("/nodes", summary="every node: role, health, lag, load (URLs masked)")
     async def nodes() -> dict[str, Any]:
-        return router.status().to_dict()
+        return source.status().to_dict()
 
     return routes

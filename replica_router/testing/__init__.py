@@ -10,5 +10,14 @@ Example::
 
 from replica_router.testing._binaries import PostgresNotFoundError, find_pg_bin
 from replica_router.testing.cluster import ClusterError, ClusterNode, LocalCluster
+from replica_router.testing.pgbouncer import PgBouncer, PgBouncerNotFoundError
 
-__all__ = ["ClusterError", "ClusterNode", "LocalCluster", "PostgresNotFoundError", "find_pg_bin"]
+__all__ = [
+    "ClusterError",
+    "ClusterNode",
+    "LocalCluster",
+    "PgBouncer",
+    "PgBouncerNotFoundError",
+    "PostgresNotFoundError",
+    "find_pg_bin",
+]

@@ -14,6 +14,10 @@ Fixtures:
   picks the image).
 * ``replica_router`` (function): a started :class:`ReplicaRouter` over that
   cluster with fast health checks, closed after the test.
+* ``pgbouncer`` (session): a :class:`~replica_router.testing.PgBouncer` in
+  transaction pooling mode in front of every server of that cluster, started
+  the first time a test asks for it. Skipped when no ``pgbouncer`` binary is
+  found (see ``REPLICA_ROUTER_PGBOUNCER``) or the cluster is not local.
 
 Async fixtures need pytest-asyncio.
 
@@ -35,8 +39,9 @@ import pytest_asyncio
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router.testing.cluster import LocalCluster
 from replica_router.testing.containers import DEFAULT_IMAGE, DockerCluster
+from replica_router.testing.pgbouncer import PgBouncer, PgBouncerNotFoundError
 
-__all__ = ["heal", "replica_cluster", "replica_router", "replica_router_cluster"]
+__all__ = ["heal", "pgbouncer", "replica_cluster", "replica_router", "replica_router_cluster"]
 
 
 def heal(cluster: LocalCluster | DockerCluster) -> None:
@@ -89,3 +94,16 @@ async def replica_router(
     )
     async with router:
         yield router
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(replica_router_cluster: LocalCluster | DockerCluster) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction pooling) in front of every server of the session's cluster."""
+    if not isinstance(replica_router_cluster, LocalCluster):
+        pytest.skip("the pgbouncer fixture fronts a LocalCluster only")
+    try:
+        bouncer = PgBouncer(replica_router_cluster).start()
+    except PgBouncerNotFoundError as exc:
+        pytest.skip(str(exc))
+    with bouncer:
+        yield bouncer

@@ -111,8 +111,9 @@ def one_worker(replica_cluster: LocalCluster) -> Iterator[str]:
 
     replica_cluster.execute(
         "primary",
-        "CREATE TABLE IF NOT EXISTS ryw_notes (id serial PRIMARY KEY, body text);"
-        "INSERT INTO ryw_notes (body) VALUES ('fair')",
+        "DROP TABLE IF EXISTS ryw_notes;"
+        "CREATE TABLE ryw_notes (id serial PRIMARY KEY, body text);"
+        "INSERT INTO ryw_notes (body) VALUES ('fair')",  # id 1
     )
     replica_cluster.wait_for_replay()
     with socket.socket() as sock:

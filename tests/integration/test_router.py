@@ -166,7 +166,7 @@ async def test_an_endpoint_error_rolls_back(
 async def test_session_used_after_its_request_fails_loudly(
     replica_router: ReplicaRouter, table: str
 ) -> None:
-    # Protects close_resets_only=False in ReplicaRouter._make_node: without it the
+    # Protects close_resets_only=False in _nodes.build_node: without it the
     # closed session silently reconnects and holds a transaction open forever.
     errors: list[BaseException] = []
     app = FastAPI()
@@ -233,7 +233,7 @@ async def test_write_through_a_reader_fails_on_the_primary_too(
     replica_cluster: LocalCluster, table: str
 ) -> None:
     # Protects the read-only view of the primary's engine (reader_sessionmaker in
-    # ReplicaRouter._make_node): with no replicas, reads use the primary.
+    # _nodes.build_node): with no replicas, reads use the primary.
     async with ReplicaRouter(replica_cluster.primary_url, settings=FAST) as router:
         async with router.reader_session() as db:
             assert (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one() is False

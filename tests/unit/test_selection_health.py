@@ -86,17 +86,17 @@ def test_lagging_and_slow_replicas_are_not_fit() -> None:
     update_eligibility(replicas, router.settings)
     assert replicas[0].state.lagging and replicas[0].state.reason == "lagging"
     assert replicas[2].state.slow and replicas[2].state.reason == "slow"
-    assert [n.name for n in router._fit_replicas()] == ["replica-2"]
+    assert [n.name for n in router._reads.fit_replicas()] == ["replica-2"]
 
 
 def test_a_passive_ejection_is_retried_without_probes_after_an_interval() -> None:
     router, replicas = nodes(1, health_interval=0.05)
     replicas[0].state.mark_down("down: test", "test")
-    assert router._fit_replicas() == []
+    assert router._reads.fit_replicas() == []
     import time
 
     time.sleep(0.06)
-    assert router._fit_replicas() == [replicas[0]]
+    assert router._reads.fit_replicas() == [replicas[0]]
 
 
 @pytest.mark.parametrize("fallback", [True, False])
@@ -107,7 +107,7 @@ def test_fallback_rules(fallback: bool) -> None:
     replicas[0].state.mark_down("down: test", "test")
     replicas[0].state.down_since = None  # never retried
     if fallback:
-        assert router._pick_reader([], None, 0)[0] is router.primary
+        assert router._reads.pick([], None, 0)[0] is router.primary
     else:
         with pytest.raises(NoHealthyReplicaError, match="fallback to the primary is off"):
-            router._pick_reader([], None, 0)[0]
+            router._reads.pick([], None, 0)[0]

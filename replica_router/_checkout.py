@@ -1,0 +1,228 @@
+"""Checkout: a session whose pooled connection is proven, with bounded retries.
+
+A session is handed out only after its connection did a round trip: the
+transaction's BEGIN, sent now instead of with the first statement (so no extra
+ping), or whatever proof the caller asks for instead. A failure there is
+classified once; a node that is down is marked so at once (passive health), and
+the attempt is retried with backoff (tenacity), never after user code has run.
+In-flight sessions and checkout latency are counted per node. Nothing here knows
+reads from writes: callers pick the node and the sessionmaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+)
+
+from ._nodes import Node, Role
+from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error
+from ._settings import RouterSettings
+
+__all__ = [
+    "Checkout",
+    "CheckoutFailed",
+    "Skip",
+    "close_quietly",
+    "query_value",
+    "raw_connection",
+]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("replica_router")
+
+# Checkout failures worth another attempt: the node is down or momentarily full.
+_RETRY_AT_CHECKOUT = NODE_DOWN | {ErrorKind.TOO_MANY_CONNECTIONS}
+
+# A proof: given the session's connection, prove it (one round trip) and say how
+# the session was decided ("replica", "replica_after_check", ...).
+Prove = Callable[[Node, AsyncConnection], Awaitable[str]]
+
+
+class CheckoutFailed(Exception):
+    """One checkout attempt failed in a way worth another attempt."""
+
+    def __init__(self, node: Node, error: BaseException) -> None:
+        super().__init__(node.name)
+        self.node = node
+        self.error = error
+
+
+class Skip(Exception):
+    """Raised by a proof: the node is fine, only not for this session; its
+    connection stays in the pool and the caller tries another node."""
+
+
+class Checkout:
+    """Opens proven sessions on nodes and retries failed attempts.
+
+    Args:
+        settings: timeouts and retry bounds.
+        on_node_down: called once a request's error marked a node down.
+    """
+
+    __slots__ = ("_on_node_down", "_settings")
+
+    def __init__(self, settings: RouterSettings, on_node_down: Callable[[Node], None]) -> None:
+        self._settings = settings
+        self._on_node_down = on_node_down
+
+    async def open(
+        self,
+        node: Node,
+        maker: async_sessionmaker[AsyncSession],
+        prove: Prove | None = None,
+    ) -> tuple[AsyncSession, str]:
+        """A session on ``node`` whose connection did a round trip, counted in flight.
+
+        Args:
+            prove: instead of BEGIN, e.g. read the replay position (a wait is not
+                counted as the node's latency).
+
+        Raises:
+            CheckoutFailed: the node is down or full; worth another attempt.
+            Skip: from ``prove``.
+        """
+        state = node.state
+        state.in_flight += 1
+        session = maker()
+        started = time.perf_counter()
+        decision = "replica"
+        try:
+            conn = await session.connection()
+            try:
+                if prove is not None:
+                    decision = await prove(node, conn)
+                else:
+                    # asyncio.timeout, not wait_for: no extra task per request.
+                    async with asyncio.timeout(self._settings.connect_timeout):
+                        await node.driver.begin((await raw_connection(conn)).dbapi_connection)
+            except Skip:
+                raise
+            except BaseException as exc:
+                await _invalidate(conn, exc)
+                raise
+        except BaseException as exc:
+            state.in_flight -= 1
+            await close_quietly(session)
+            if isinstance(exc, Exception) and not isinstance(exc, Skip):
+                kind = classify(exc, during_checkout=True)
+                if kind in _RETRY_AT_CHECKOUT:
+                    self.note_failure(node, exc, kind)
+                    raise CheckoutFailed(node, exc) from exc
+            raise
+        if prove is None:
+            state.observe_checkout(time.perf_counter() - started)
+        return session, decision
+
+    @staticmethod
+    async def release(node: Node, session: AsyncSession) -> None:
+        """Close a session from :meth:`open`; its connection goes back to the pool."""
+        node.state.in_flight -= 1
+        await close_quietly(session)
+
+    def note_failure(self, node: Node, exc: BaseException, kind: ErrorKind) -> None:
+        """Count a failure; a node-down kind marks the node down (once, logged)."""
+        state = node.state
+        state.checkout_failures += 1
+        if kind in NODE_DOWN:
+            message = f"{kind.value}: {type(exc).__name__}"
+            if state.mark_down(f"down: {message}", message):
+                logger.warning(
+                    "%s %s marked down by a request (%s)", node.role.value, node.name, message
+                )
+                self._on_node_down(node)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt``: full jitter, capped."""
+        s = self._settings
+        return random.uniform(0, min(s.retry_backoff_max, s.retry_backoff * 2 ** (attempt - 1)))
+
+    async def with_retries(self, attempt: Callable[[int], Awaitable[T]], attempts: int) -> T:
+        """Run ``attempt(1)``; if it fails with ``CheckoutFailed``, retry with tenacity.
+
+        The first attempt skips tenacity entirely: the common path allocates nothing.
+        """
+        try:
+            return await attempt(1)
+        except CheckoutFailed:
+            if attempts <= 1:
+                raise
+        async for retry in self._retrying(attempts - 1):
+            with retry:
+                return await attempt(retry.retry_state.attempt_number + 1)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retrying(self, attempts: int) -> AsyncRetrying:
+        def wait(state: RetryCallState) -> float:
+            # Moving to another node needs no pause; retrying the same one backs off.
+            outcome = state.outcome
+            error = outcome.exception() if outcome is not None else None
+            if isinstance(error, CheckoutFailed) and error.node.role is Role.REPLICA:
+                return 0.0
+            return self.backoff(state.attempt_number)
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(attempts) | stop_after_delay(self._settings.checkout_timeout),
+            wait=wait,
+            # Only our own marker: CancelledError and everything else go straight through.
+            retry=retry_if_exception(lambda e: isinstance(e, CheckoutFailed)),
+            reraise=True,
+        )
+
+
+async def query_value(node: Node, sql: str, seconds: float) -> Any:
+    """One value from ``sql`` on a pooled connection of ``node``, without a transaction."""
+    async with node.engine.connect() as conn:
+        raw = (await raw_connection(conn)).driver_connection
+        return await node.driver.fetch_value(raw, sql, seconds)
+
+
+async def raw_connection(conn: AsyncConnection) -> Any:
+    """The pooled DBAPI connection under ``conn``, without a greenlet hop when it is
+    already there (it is, right after checkout)."""
+    sync = conn.sync_connection
+    if sync is not None and not sync.invalidated and not sync.closed:
+        return sync.connection
+    return await conn.get_raw_connection()
+
+
+async def _invalidate(conn: AsyncConnection, exc: BaseException) -> None:
+    """Drop a connection that failed, and mark the rest of its pool as suspect."""
+    try:
+        raw = await conn.get_raw_connection()
+        pool = conn.sync_engine.pool
+        invalidate_pool = getattr(pool, "_invalidate", None)
+        if (
+            invalidate_pool is not None
+            and isinstance(exc, Exception)
+            and is_connection_error(exc, during_checkout=True)
+        ):
+            # As SQLAlchemy does on a disconnect: every older pooled connection is
+            # replaced at its next checkout.
+            invalidate_pool(raw, exc)
+            return
+        await conn.invalidate(exc if isinstance(exc, Exception) else None)
+    except Exception:
+        logger.debug("invalidating a failed connection failed", exc_info=True)
+
+
+async def close_quietly(session: AsyncSession) -> None:
+    """Close a session; a connection that is already gone was invalidated by the pool."""
+    try:
+        await session.close()
+    except Exception:
+        logger.debug("closing a session failed", exc_info=True)
