@@ -11,6 +11,23 @@ Example::
 
     @app.get("/notes/{note_id}")
     async def read(note_id: int, db: AsyncSession = Depends(router.reader)): ...
+
+Modules (private; each imports only those below it)::
+
+    _router        ReplicaRouter, a facade over the parts below
+    fastapi        dependencies and health routes, over callables
+    _units         run_read / run_write
+    _writes        writer sessions, commit outcome, the commit's WAL position
+    _reads         where a read is routed: fitness, positions, fallback, waits
+    _checkout      a proven connection, retries, in-flight accounting
+    _consistency   positions, tokens, the middleware
+    _health        probes and lag
+    _selection     strategies
+    _nodes         nodes, engines, sessionmakers
+    _pool          first-come-first-served pools
+    _retry         error classes
+    _drivers       the driver seam
+    _settings      settings
 """
 
 from ._consistency import ReadYourWritesMiddleware
