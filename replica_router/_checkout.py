@@ -109,7 +109,7 @@ class Checkout:
                 else:
                     # asyncio.timeout, not wait_for: no extra task per request.
                     async with asyncio.timeout(self._settings.connect_timeout):
-                        await node.driver.begin((await raw_connection(conn)).dbapi_connection)
+                        await node.driver.begin(await raw_connection(conn))
             except Skip:
                 raise
             except BaseException as exc:

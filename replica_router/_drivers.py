@@ -4,8 +4,9 @@ Everything specific to a driver and to SQLAlchemy's adapter for it lives in one
 class here: how a transaction's BEGIN is sent eagerly (it proves a pooled
 connection at no extra round trip), how a connection is made READ ONLY, how a
 value is read on the raw connection (the commit's WAL position, replay waits),
-the probes' own connections, and which exception types mean a lost connection.
-A second driver is one more class registered in ``DRIVERS``; nothing else changes.
+the probes' own connections, which exceptions mean a lost connection, and what a
+transaction-mode pooler in front of a server needs. A second driver is one more
+module with one class registered in ``DRIVERS`` (psycopg 3: ``_psycopg.py``).
 
 Example::
 
@@ -16,13 +17,16 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy.engine import URL
 
 from ._exceptions import ConfigurationError
+from ._psycopg import PsycopgDriver
 
-__all__ = ["DRIVERS", "AsyncpgDriver", "Driver", "ProbeConnection", "driver_for"]
+__all__ = ["DRIVERS", "AsyncpgDriver", "Driver", "Pooler", "ProbeConnection", "driver_for"]
+
+Pooler = Literal["none", "transaction"]
 
 
 class ProbeConnection(Protocol):
@@ -49,22 +53,32 @@ class Driver(Protocol):
     name: str
     # SQLAlchemy's drivername, ``postgresql+asyncpg``.
     drivername: str
-    # Exception class names (of the driver and the adapter) that mean the
-    # connection is gone, whatever their SQLSTATE.
-    connection_errors: frozenset[str]
+
+    def lost_connection(self, error: BaseException) -> bool:
+        """Whether this driver's exception (not SQLAlchemy's wrapper) means the
+        connection is gone; errors with a SQLSTATE are classified by it first."""
+        ...
 
     def connect_args(
-        self, connect_args: Mapping[str, Any], *, timeout: float, application_name: str
+        self,
+        connect_args: Mapping[str, Any],
+        *,
+        timeout: float,
+        application_name: str,
+        pooler: Pooler,
     ) -> dict[str, Any]:
-        """``connect_args`` for ``create_async_engine``, with our defaults added."""
+        """``connect_args`` for ``create_async_engine``, with our defaults added; with
+        ``pooler="transaction"``, none of the session state such a pooler loses
+        (named prepared statements)."""
         ...
 
     def set_read_only(self, dbapi_connection: Any) -> None:
         """``connect`` hook: every transaction on this connection begins READ ONLY."""
         ...
 
-    async def begin(self, dbapi_connection: Any) -> None:
-        """Send the transaction's BEGIN now, on SQLAlchemy's adapted connection."""
+    async def begin(self, connection: Any) -> None:
+        """Send the transaction's BEGIN now, on SQLAlchemy's pooled connection (it
+        has ``dbapi_connection``, the adapter, and ``driver_connection``)."""
         ...
 
     async def fetch_value(self, driver_connection: Any, sql: str, seconds: float) -> Any:
@@ -117,20 +131,30 @@ class AsyncpgDriver:
 
     name = "asyncpg"
     drivername = "postgresql+asyncpg"
-    connection_errors = frozenset(
-        {
-            # asyncpg's "connection was closed in the middle of operation" and friends.
-            "ConnectionDoesNotExistError",
-            "ConnectionFailureError",
-            "InternalClientError",
-        }
-    )
+    # asyncpg's "connection was closed in the middle of operation" and friends.
+    _LOST = frozenset({"ConnectionDoesNotExistError", "ConnectionFailureError"})
+
+    def lost_connection(self, error: BaseException) -> bool:
+        return type(error).__name__ in self._LOST or (
+            type(error).__name__ == "InternalClientError"
+            and type(error).__module__.startswith("asyncpg")
+        )
 
     def connect_args(
-        self, connect_args: Mapping[str, Any], *, timeout: float, application_name: str
+        self,
+        connect_args: Mapping[str, Any],
+        *,
+        timeout: float,
+        application_name: str,
+        pooler: Pooler,
     ) -> dict[str, Any]:
         args = dict(connect_args)
         args.setdefault("timeout", timeout)
+        if pooler == "transaction":
+            # No named prepared statements: a transaction-mode pooler runs the next
+            # transaction on another server connection, which never prepared them.
+            # asyncpg then uses the unnamed statement (parsed at each execution).
+            args.setdefault("statement_cache_size", 0)
         args["server_settings"] = {
             "application_name": application_name,
             **args.get("server_settings", {}),
@@ -146,10 +170,11 @@ class AsyncpgDriver:
             )
         dbapi_connection.readonly = True
 
-    async def begin(self, dbapi_connection: Any) -> None:
+    async def begin(self, connection: Any) -> None:
+        dbapi_connection = connection.dbapi_connection
         start = getattr(dbapi_connection, "_start_transaction", None)
         if start is None:  # pragma: no cover - an adapter without it: a real statement
-            await dbapi_connection.driver_connection.execute("SELECT 1")
+            await connection.driver_connection.execute("SELECT 1")
             return
         if getattr(dbapi_connection, "_started", None) is True:  # SQLAlchemy 2.0
             return
@@ -179,6 +204,9 @@ class AsyncpgDriver:
         for key in _ASYNCPG_ADAPTER_KEYS:
             params.pop(key, None)
         params["timeout"] = connect_timeout
+        # Probes run one query per interval: no named statements, which a
+        # transaction-mode pooler in front of the node would break.
+        params["statement_cache_size"] = 0
         params["server_settings"] = {
             **params.get("server_settings", {}),
             "application_name": application_name,
@@ -186,7 +214,7 @@ class AsyncpgDriver:
         return _AsyncpgProbe(await asyncpg.connect(*cargs, **params))
 
 
-DRIVERS: dict[str, Driver] = {d.drivername: d for d in (AsyncpgDriver(),)}
+DRIVERS: dict[str, Driver] = {d.drivername: d for d in (AsyncpgDriver(), PsycopgDriver())}
 
 
 def driver_for(url: URL) -> Driver:

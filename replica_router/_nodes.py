@@ -211,6 +211,7 @@ def build_node(
         options.get("connect_args", {}),
         timeout=s.connect_timeout,
         application_name="replica-router",
+        pooler=s.pooler,
     )
     engine = create_async_engine(url, **options)
     if role is Role.REPLICA:

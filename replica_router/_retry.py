@@ -57,8 +57,7 @@ _BY_SQLSTATE = {
     "57014": ErrorKind.STATEMENT_TIMEOUT,
 }
 
-# Exception class names that mean a lost connection, for every driver.
-_CONNECTION_ERRORS = frozenset().union(*(d.connection_errors for d in DRIVERS.values()))
+_DRIVERS = tuple(DRIVERS.values())
 
 # Kinds after which the node cannot be used: eject a replica, reconnect to the primary.
 NODE_DOWN = frozenset({ErrorKind.CONNECTION, ErrorKind.SHUTDOWN, ErrorKind.CANNOT_CONNECT_NOW})
@@ -111,7 +110,7 @@ def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
             continue
         if isinstance(item, OSError):
             return ErrorKind.CONNECTION
-        if type(item).__name__ in _CONNECTION_ERRORS:
+        if any(driver.lost_connection(item) for driver in _DRIVERS):
             return ErrorKind.CONNECTION
     if state is None and during_checkout and _is_interface_error(exc):
         return ErrorKind.CONNECTION

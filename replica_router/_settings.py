@@ -55,11 +55,19 @@ HARNESS_VARIABLES: tuple[str, ...] = (
     "REPLICA_ROUTER_TEST_REPLICAS",  # pytest plugin: replicas in the session cluster
     "REPLICA_ROUTER_TEST_CLUSTER",  # pytest plugin: local or docker
     "REPLICA_ROUTER_TEST_IMAGE",  # pytest plugin: the image of the Docker cluster
+    "REPLICA_ROUTER_TEST_DRIVER",  # pytest plugin: asyncpg or psycopg in the cluster's URLs
     "REPLICA_ROUTER_PGBOUNCER",  # testing: the PgBouncer binary (transaction pooling)
     "REPLICA_ROUTER_ETCD_BIN",  # testing: the etcd binary (Patroni clusters)
 )
 _README_TABLE = "the Configuration table of the README lists every setting"
-_ACCEPTED_SCHEMES = {"postgres", "postgresql", "postgresql+asyncpg"}
+# Schemes accepted, and the SQLAlchemy drivername each means.
+_SCHEMES = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg",
+}
 _URL_EXAMPLE = "postgresql+asyncpg://user:password@host:5432/database"
 # Query parameters that configure a replica; removed before the URL reaches asyncpg.
 _NAME_OPTION = "replica_name"
@@ -98,15 +106,16 @@ def parse_url(value: str | URL, *, what: str) -> URL:
         hosts = _host_entries(None, url)
     else:
         raise ConfigurationError(f"{what} must be a URL string, got {type(value).__name__}")
-    if url.drivername not in _ACCEPTED_SCHEMES:
+    if url.drivername not in _SCHEMES:
         raise ConfigurationError(
             f"{what} has the unsupported scheme {url.drivername!r}; expected "
-            "postgresql+asyncpg://, postgresql:// or postgres:// (all use asyncpg)"
+            "postgresql+asyncpg:// (postgresql:// and postgres:// mean asyncpg too) or "
+            "postgresql+psycopg:// (psycopg 3)"
         )
     _check_hosts(url, hosts, what=what)
     if not url.host and "host" not in url.query:
         raise ConfigurationError(f"{what} names no host; expected a URL like {_URL_EXAMPLE}")
-    return url.set(drivername="postgresql+asyncpg")
+    return url.set(drivername=_SCHEMES[url.drivername])
 
 
 _MULTI_HOST_EXAMPLE = "?host=h1:5432&host=h2:5432"
@@ -273,7 +282,8 @@ class RouterSettings(BaseSettings):
         default=None,
         description=(
             "the primary: postgresql+asyncpg://user:password@host:port/database "
-            "(postgres:// and postgresql:// mean asyncpg; several hosts as "
+            "(postgres:// and postgresql:// mean asyncpg; postgresql+psycopg:// is "
+            "psycopg 3; several hosts as "
             "?host=h1:5432&host=h2:5432&target_session_attrs=read-write)"
         ),
     )
@@ -324,6 +334,13 @@ class RouterSettings(BaseSettings):
             "off, request (after a write, the rest of that request reads from the primary) "
             "or lsn (reads wait for the WAL position of the client's last write, across "
             "requests)"
+        ),
+    )
+    pooler: Literal["none", "transaction"] = Field(
+        default="none",
+        description=(
+            "none, or transaction when PgBouncer, PgCat or PgDog in transaction pooling "
+            "mode sits in front of the nodes (then no named prepared statements)"
         ),
     )
     consistency_wait: float = Field(

@@ -22,11 +22,14 @@ from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 from urllib.parse import quote
 
-__all__ = ["ClusterBase", "ClusterError", "NodeLike", "Role", "StopMode"]
+__all__ = ["DRIVERS", "ClusterBase", "ClusterError", "Driver", "NodeLike", "Role", "StopMode"]
 
 logger = logging.getLogger("replica_router.testing.cluster")
 
 Role = Literal["primary", "replica"]
+# The driver a cluster's URLs name (``postgresql+asyncpg://`` or ``postgresql+psycopg://``).
+Driver = Literal["asyncpg", "psycopg"]
+DRIVERS: tuple[Driver, ...] = ("asyncpg", "psycopg")
 StopMode = Literal["smart", "fast", "immediate"]
 
 # How each shutdown mode is asked of a postmaster, and how long each may take
@@ -188,6 +191,8 @@ class ClusterBase(abc.ABC, Generic[N]):
     user: str
     password: str
     database: str
+    # Which driver ``url()`` names; the pytest plugin sets it per test.
+    driver: Driver
     _owner_pid: int
 
     # -- what a backend provides -------------------------------------------------------------
@@ -255,7 +260,7 @@ class ClusterBase(abc.ABC, Generic[N]):
 
     @property
     def primary_url(self) -> str:
-        """SQLAlchemy URL of the primary (``postgresql+asyncpg://...``)."""
+        """SQLAlchemy URL of the primary (``postgresql+asyncpg://...`` by default)."""
         return self.url(self.primary)
 
     @property
@@ -279,8 +284,8 @@ class ClusterBase(abc.ABC, Generic[N]):
         raise KeyError(msg)
 
     def url(self, node: N | str) -> str:
-        """Return the SQLAlchemy URL (asyncpg driver) of a node."""
-        return "postgresql+asyncpg" + self.dsn(node).removeprefix("postgresql")
+        """Return the SQLAlchemy URL of a node, for the cluster's ``driver``."""
+        return f"postgresql+{self.driver}" + self.dsn(node).removeprefix("postgresql")
 
     def dsn(self, node: N | str) -> str:
         """Return the libpq/asyncpg URL (``postgresql://...``) of a node."""

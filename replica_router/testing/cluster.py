@@ -46,6 +46,7 @@ from replica_router.testing._base import (
     STOP_SIGNALS,
     ClusterBase,
     ClusterError,
+    Driver,
     Role,
     StopMode,
     check_arguments,
@@ -123,6 +124,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         "_watchdog",
         "base_dir",
         "database",
+        "driver",
         "password",
         "replica_count",
         "server_settings",
@@ -153,6 +155,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         self.user = user or "postgres"
         self.password = password or secrets.token_urlsafe(18)
         self.database = database
+        self.driver: Driver = "asyncpg"
         self.server_settings = settings
         self._bin_dir: Path | None = None
         self._run_as: RunAs | None = None

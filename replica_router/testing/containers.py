@@ -51,6 +51,7 @@ from replica_router.testing._base import (
     STOP_SIGNALS,
     ClusterBase,
     ClusterError,
+    Driver,
     Role,
     StopMode,
     check_arguments,
@@ -238,6 +239,7 @@ class DockerCluster(ClusterBase[DockerNode]):
         "_prefix",
         "_replication_password",
         "database",
+        "driver",
         "image",
         "password",
         "replica_count",
@@ -270,6 +272,7 @@ class DockerCluster(ClusterBase[DockerNode]):
         self.user = user or "postgres"
         self.password = password or secrets.token_urlsafe(18)
         self.database = database
+        self.driver: Driver = "asyncpg"
         self._replication_password = secrets.token_urlsafe(18)
         self._prefix = f"replica-router-{secrets.token_hex(4)}"
         self._nodes: list[DockerNode] = []

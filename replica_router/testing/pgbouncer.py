@@ -244,8 +244,8 @@ class PgBouncer:
         return f"postgresql://{credentials}@127.0.0.1:{self.port(node)}/{database}"
 
     def url(self, node: ClusterNode | str) -> str:
-        """The SQLAlchemy URL (asyncpg driver) of a node through its PgBouncer."""
-        return "postgresql+asyncpg" + self.dsn(node).removeprefix("postgresql")
+        """The SQLAlchemy URL of a node through its PgBouncer, for the cluster's driver."""
+        return f"postgresql+{self.cluster.driver}" + self.dsn(node).removeprefix("postgresql")
 
     @property
     def primary_url(self) -> str:

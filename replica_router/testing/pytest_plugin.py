@@ -12,6 +12,8 @@ Fixtures:
   :class:`~replica_router.testing.containers.DockerCluster` instead (the
   ``testcontainers`` extra and a Docker engine; ``REPLICA_ROUTER_TEST_IMAGE``
   picks the image).
+  Its URLs use asyncpg, or psycopg 3 with ``REPLICA_ROUTER_TEST_DRIVER=psycopg``
+  or ``@pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)``.
 * ``replica_router`` (function): a started :class:`ReplicaRouter` over that
   cluster with fast health checks, closed after the test.
 * ``pgbouncer`` (session): a :class:`~replica_router.testing.PgBouncer` in
@@ -37,11 +39,23 @@ import pytest
 import pytest_asyncio
 
 from replica_router import ReplicaRouter, RouterSettings
+from replica_router.testing._base import DRIVERS
 from replica_router.testing.cluster import LocalCluster
 from replica_router.testing.containers import DEFAULT_IMAGE, DockerCluster
 from replica_router.testing.pgbouncer import PgBouncer, PgBouncerNotFoundError
 
-__all__ = ["heal", "pgbouncer", "replica_cluster", "replica_router", "replica_router_cluster"]
+__all__ = [
+    "DRIVERS",
+    "DRIVER_ENV",
+    "heal",
+    "pgbouncer",
+    "replica_cluster",
+    "replica_router",
+    "replica_router_cluster",
+]
+
+
+DRIVER_ENV = "REPLICA_ROUTER_TEST_DRIVER"
 
 
 def heal(cluster: LocalCluster | DockerCluster) -> None:
@@ -76,11 +90,26 @@ def replica_router_cluster() -> Iterator[LocalCluster | DockerCluster]:
 
 @pytest.fixture
 def replica_cluster(
-    replica_router_cluster: LocalCluster | DockerCluster,
-) -> LocalCluster | DockerCluster:
-    """The session's cluster, healed of faults left by earlier tests."""
+    request: pytest.FixtureRequest, replica_router_cluster: LocalCluster | DockerCluster
+) -> Iterator[LocalCluster | DockerCluster]:
+    """The session's cluster, healed of faults left by earlier tests.
+
+    Its URLs name the driver given by indirect parametrization
+    (``@pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)``), else by
+    ``REPLICA_ROUTER_TEST_DRIVER`` (``asyncpg`` by default, or ``psycopg``).
+    """
+    driver = getattr(request, "param", None) or os.environ.get(DRIVER_ENV, "asyncpg")
+    if driver not in DRIVERS:
+        msg = f"{DRIVER_ENV} (or the parameter) must be one of {DRIVERS}, got {driver!r}"
+        raise pytest.UsageError(msg)
+    if driver == "psycopg":
+        pytest.importorskip("psycopg", reason="psycopg 3 is not installed (extra: psycopg)")
     heal(replica_router_cluster)
-    return replica_router_cluster
+    replica_router_cluster.driver = driver
+    try:
+        yield replica_router_cluster
+    finally:
+        replica_router_cluster.driver = "asyncpg"
 
 
 @pytest_asyncio.fixture

@@ -25,8 +25,11 @@ from sqlalchemy import text
 from replica_router import ReadYourWritesMiddleware, ReplicaRouter, RouterSettings
 from replica_router._consistency import parse_lsn
 from replica_router.testing import LocalCluster
+from replica_router.testing.pytest_plugin import DRIVERS
 
 pytestmark = pytest.mark.integration
+# The promise tests run once per driver: the cluster's URLs name asyncpg, then psycopg.
+BOTH_DRIVERS = pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "correct horse battery staple"
@@ -87,6 +90,7 @@ async def cycles(client: httpx.AsyncClient, n: int) -> tuple[int, int]:
     return seen, stale
 
 
+@BOTH_DRIVERS
 async def test_lsn_mode_sees_every_write_while_replay_is_paused(notes: LocalCluster) -> None:
     router = make_router(notes, read_your_writes="lsn")
     async with serve(create_app(router)) as url, httpx.AsyncClient(base_url=url) as client:
@@ -173,6 +177,7 @@ async def test_a_writer_that_ran_nothing_sets_no_position(notes: LocalCluster) -
         assert "rr_lsn" not in client.cookies
 
 
+@BOTH_DRIVERS
 async def test_forged_positions_are_ignored_without_waiting(notes: LocalCluster) -> None:
     # A wait bound of 3 s: honouring any of these would take at least that long,
     # or send the read to the primary.

@@ -19,8 +19,11 @@ from sqlalchemy.pool import QueuePool
 
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router.testing import LocalCluster
+from replica_router.testing.pytest_plugin import DRIVERS
 
 pytestmark = pytest.mark.integration
+# The promise tests run once per driver: the cluster's URLs name asyncpg, then psycopg.
+BOTH_DRIVERS = pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)
 
 FAST = RouterSettings.defaults(health_interval=0.2, health_timeout=1.0)
 
@@ -89,6 +92,7 @@ def items_app(router: ReplicaRouter) -> FastAPI:
     return app
 
 
+@BOTH_DRIVERS
 async def test_reader_on_replica_writer_on_primary(replica_router: ReplicaRouter) -> None:
     async with replica_router.reader_session() as db:
         assert (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one() is True
@@ -108,6 +112,7 @@ async def test_committed_write_reaches_every_replica(
             assert found.scalar_one() == 1, replica.name
 
 
+@BOTH_DRIVERS
 async def test_failed_commit_is_an_error_response_not_200(
     replica_router: ReplicaRouter, table: str
 ) -> None:
@@ -148,6 +153,7 @@ async def test_the_tutorial_yield_dependency_reports_200_for_a_failed_commit(
     assert await count(replica_router, "k = 'twice'") == 1  # ... but nothing was written
 
 
+@BOTH_DRIVERS
 @pytest.mark.parametrize(
     ("path", "status"),
     [("refuse", 409), ("crash", 500), ("bad-response", 500)],
@@ -219,6 +225,7 @@ async def test_a_streamed_response_reads_through_the_reader(
     assert sum(node.state.in_flight for node in replica_router.nodes) == 0
 
 
+@BOTH_DRIVERS
 async def test_write_through_a_reader_fails(replica_router: ReplicaRouter, table: str) -> None:
     app = items_app(replica_router)
     async with client(app) as http:
@@ -229,6 +236,7 @@ async def test_write_through_a_reader_fails(replica_router: ReplicaRouter, table
     assert getattr(caught.value.orig, "sqlstate", None) == "25006"
 
 
+@BOTH_DRIVERS
 async def test_write_through_a_reader_fails_on_the_primary_too(
     replica_cluster: LocalCluster, table: str
 ) -> None:
@@ -258,6 +266,7 @@ async def test_without_replicas_reads_use_the_primary(replica_cluster: LocalClus
             assert (await http.get("/where")).json()["in_recovery"] is False
 
 
+@BOTH_DRIVERS
 async def test_a_dead_replica_is_skipped_before_the_endpoint_runs(
     replica_cluster: LocalCluster,
 ) -> None:
@@ -276,6 +285,37 @@ async def test_a_dead_replica_is_skipped_before_the_endpoint_runs(
         assert not router.status().node("replica-1").healthy
 
 
+@BOTH_DRIVERS
+async def test_sessions_are_handed_out_with_their_transaction_begun(
+    replica_router: ReplicaRouter,
+) -> None:
+    # The eager BEGIN is what proves a pooled connection at no extra round trip: the
+    # transaction is open on the server before any of the user's statements.
+    for opened in (replica_router.reader_session(), replica_router.writer_session()):
+        async with opened as db:
+            raw = (await (await db.connection()).get_raw_connection()).driver_connection
+            assert raw is not None
+            if replica_router.primary.driver.name == "psycopg":
+                assert raw.info.transaction_status == 2  # psycopg's INTRANS
+            else:
+                assert raw.is_in_transaction()
+
+
+async def test_drivers_can_be_mixed(replica_cluster: LocalCluster, table: str) -> None:
+    # Each node has its own driver: an asyncpg primary with psycopg replicas works.
+    psycopg = pytest.importorskip("psycopg")
+    assert psycopg
+    replicas = [u.replace("+asyncpg", "+psycopg") for u in replica_cluster.replica_urls]
+    async with ReplicaRouter(replica_cluster.primary_url, replicas, settings=FAST) as router:
+        assert [n.driver.name for n in router.nodes] == ["asyncpg", "psycopg", "psycopg"]
+        async with router.writer_session() as db:
+            await db.execute(text("INSERT INTO items (k) VALUES ('mixed')"))
+        async with router.reader_session() as db:  # waits for the write's position
+            found = await db.execute(text("SELECT pg_is_in_recovery(), count(*) FROM items"))
+            assert found.one() == (True, 1)
+
+
+@BOTH_DRIVERS
 async def test_the_writer_reconnects_after_a_primary_restart(
     replica_cluster: LocalCluster, table: str
 ) -> None:

@@ -19,6 +19,7 @@ CORE = (
     "_exceptions",
     "_urls",
     "_settings",
+    "_psycopg",
     "_drivers",
     "_retry",
     "_pool",
