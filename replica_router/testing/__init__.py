@@ -1,4 +1,4 @@
-"""Throwaway PostgreSQL clusters (a primary and streaming replicas) for tests.
+"""Throwaway PostgreSQL clusters (a primary and streaming replicas, or Patroni) for tests.
 
 Example::
 
@@ -10,12 +10,16 @@ Example::
 
 from replica_router.testing._binaries import PostgresNotFoundError, find_pg_bin
 from replica_router.testing.cluster import ClusterError, ClusterNode, LocalCluster
+from replica_router.testing.patroni import PatroniCluster, PatroniMember, PatroniNotFoundError
 from replica_router.testing.pgbouncer import PgBouncer, PgBouncerNotFoundError
 
 __all__ = [
     "ClusterError",
     "ClusterNode",
     "LocalCluster",
+    "PatroniCluster",
+    "PatroniMember",
+    "PatroniNotFoundError",
     "PgBouncer",
     "PgBouncerNotFoundError",
     "PostgresNotFoundError",

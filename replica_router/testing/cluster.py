@@ -118,6 +118,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         "_base_parent",
         "_bin_arg",
         "_bin_dir",
+        "_frozen",
         "_nodes",
         "_owner_pid",
         "_run_as",
@@ -160,6 +161,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         self._bin_dir: Path | None = None
         self._run_as: RunAs | None = None
         self._nodes: list[ClusterNode] = []
+        self._frozen: set[str] = set()
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
         self.base_dir: Path | None = None
@@ -236,6 +238,8 @@ class LocalCluster(ClusterBase[ClusterNode]):
     def stop(self) -> None:
         """Stop every server (fast, then immediate, then SIGKILL) and remove the directory."""
         try:
+            for name in list(self._frozen):
+                self.thaw_node(name)
             self._stop_nodes(self._nodes, "fast")
         finally:
             watchdog, self._watchdog = self._watchdog, None
@@ -275,6 +279,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         lock files are removed once no process of the node is left.
         """
         target = self.node(node)
+        self._frozen.discard(target.name)
         process = target._process
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -283,6 +288,32 @@ class LocalCluster(ClusterBase[ClusterNode]):
         if process is not None:
             process.wait()
         self._forget(target)
+
+    def freeze_node(self, node: ClusterNode | str) -> None:
+        """SIGSTOP every process of a node: a hung server (or machine) that keeps its
+        connections open and answers nothing. :meth:`thaw_node` resumes it."""
+        target = self.node(node)
+        if target.pid is None:
+            msg = f"{target.name} is not running"
+            raise ClusterError(msg)
+        os.kill(target.pid, signal.SIGSTOP)  # first: it forks no backend from now on
+        self._frozen.add(target.name)
+        for pid in _watchdog.processes_under(str(target.data_dir.resolve()), exact=True):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw_node(self, node: ClusterNode | str) -> None:
+        """SIGCONT every process of a node frozen by :meth:`freeze_node`."""
+        target = self.node(node)
+        self._frozen.discard(target.name)
+        pids = _watchdog.processes_under(str(target.data_dir.resolve()), exact=True)
+        for pid in [*pids, *([target.pid] if target.pid else [])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def is_frozen(self, node: ClusterNode | str) -> bool:
+        """Whether :meth:`freeze_node` stopped the node and it was not thawed since."""
+        return self.node(node).name in self._frozen
 
     def _promote(self, node: ClusterNode, timeout: float) -> None:
         self._tool("pg_ctl", "promote", "-D", str(node.data_dir), "-w", "-t", str(int(timeout)))

@@ -20,6 +20,11 @@ Fixtures:
   transaction pooling mode in front of every server of that cluster, started
   the first time a test asks for it. Skipped when no ``pgbouncer`` binary is
   found (see ``REPLICA_ROUTER_PGBOUNCER``) or the cluster is not local.
+* ``patroni_cluster`` (session): a :class:`~replica_router.testing.PatroniCluster`
+  (etcd and three Patroni members), started the first time a test asks for it
+  and shared by the session: a test that crashes members should start them
+  again (``start_node``) and ``wait_healthy()``. Skipped when Patroni or etcd is
+  missing (``pip install 'replica-router[patroni]'``).
 
 Async fixtures need pytest-asyncio.
 
@@ -42,12 +47,14 @@ from replica_router import ReplicaRouter, RouterSettings
 from replica_router.testing._base import DRIVERS
 from replica_router.testing.cluster import LocalCluster
 from replica_router.testing.containers import DEFAULT_IMAGE, DockerCluster
+from replica_router.testing.patroni import PatroniCluster, PatroniNotFoundError
 from replica_router.testing.pgbouncer import PgBouncer, PgBouncerNotFoundError
 
 __all__ = [
     "DRIVERS",
     "DRIVER_ENV",
     "heal",
+    "patroni_cluster",
     "pgbouncer",
     "replica_cluster",
     "replica_router",
@@ -61,6 +68,9 @@ DRIVER_ENV = "REPLICA_ROUTER_TEST_DRIVER"
 def heal(cluster: LocalCluster | DockerCluster) -> None:
     """Undo faults a test left: start stopped servers, resume paused replay."""
     # By name: either backend takes a name (a node object only of its own kind).
+    if isinstance(cluster, LocalCluster):
+        for name in [n.name for n in cluster.nodes if cluster.is_frozen(n.name)]:
+            cluster.thaw_node(name)
     for node in cluster.nodes:
         if not cluster.is_running(node.name):
             cluster.start_node(node.name)
@@ -136,3 +146,15 @@ def pgbouncer(replica_router_cluster: LocalCluster | DockerCluster) -> Iterator[
         pytest.skip(str(exc))
     with bouncer:
         yield bouncer
+
+
+@pytest.fixture(scope="session")
+def patroni_cluster() -> Iterator[PatroniCluster]:
+    """A Patroni cluster (etcd and three members) for the session; skipped without Patroni."""
+    cluster = PatroniCluster()
+    try:
+        cluster.start()
+    except PatroniNotFoundError as exc:
+        pytest.skip(f"patroni_cluster: {exc}")
+    with cluster:
+        yield cluster
