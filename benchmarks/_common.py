@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -15,12 +14,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from ._loadgen import CLIENT_TIMEOUT, CONNECTION_ERROR
 
 matplotlib.use("Agg")
 
@@ -190,10 +192,16 @@ def http_get_json(url: str, timeout: float = 2.0) -> Any:
 
 
 class AppServer:
-    """``uvicorn benchmarks.app:app`` (1 worker) in a subprocess on a free port."""
+    """``uvicorn benchmarks.app:app`` in a subprocess on a free port.
 
-    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
+    Every variant runs as production does: uvloop and httptools, no access log; with
+    ``workers`` > 1, uvicorn's supervisor forks the workers (:class:`CpuMeter` counts
+    the whole process tree).
+    """
+
+    def __init__(self, env: Mapping[str, str], log_dir: Path, *, workers: int = 1) -> None:
         self.port = free_port()
+        self.workers = workers
         self.base = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         self._log = open(log_dir / f"uvicorn-{self.port}.log", "wb")  # noqa: SIM115
@@ -208,7 +216,11 @@ class AppServer:
                 "--port",
                 str(self.port),
                 "--workers",
-                "1",
+                str(workers),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
                 "--no-access-log",
                 "--log-level",
                 "warning",
@@ -224,12 +236,26 @@ class AppServer:
                 raise RuntimeError(f"uvicorn exited early; see {self._log.name}")
             try:
                 http_get_json(self.base + "/ready", timeout=1.0)
-                return
+                break
             except (OSError, urllib.error.URLError, ValueError):
                 if time.monotonic() > deadline:
                     self.close()
                     raise RuntimeError(f"uvicorn did not start; see {self._log.name}") from None
                 time.sleep(0.1)
+        if workers > 1:
+            self._wait_for_workers(deadline)
+
+    def _wait_for_workers(self, deadline: float) -> None:
+        """Until every worker answers: load that starts earlier puts all its keep-alive
+        connections on the first worker up."""
+        pids: set[int] = set()
+        while len(pids) < self.workers:
+            with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+                pids.add(int(http_get_json(self.base + "/ready", timeout=1.0)["pid"]))
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"uvicorn workers did not all start; see {self._log.name}")
+            time.sleep(0.02)
 
     @property
     def pid(self) -> int:
@@ -248,47 +274,74 @@ class AppServer:
 
 # -- load -------------------------------------------------------------------------------
 
+# The load generator's client timeout: a request without its response by then is given
+# up and counted as a timeout (what a client with a 2 s timeout would see).
+TIMEOUT = 2.0
+LOAD_COLUMNS = ["req/s", "p50 ms", "p99 ms", "max ms", "errors", "timeouts"]
+LOAD_GENERATOR = "benchmarks._loadgen (uvloop, one process)"
 
-@dataclass
+
+@dataclass(frozen=True, slots=True)
 class LoadResult:
+    """One closed-loop run, from the load generator's record of every request.
+
+    ``errors``: non-2xx responses (5xx in practice) and connection errors;
+    ``timeouts``: requests given up at the client timeout. Latency percentiles and
+    the max are over every request but connection errors, a timeout counting with
+    the time it waited; ``rps`` counts 2xx responses.
+    """
+
     requests: int
+    ok: int
     errors: int
+    timeouts: int
     seconds: float
     p50_ms: float
     p99_ms: float
+    max_ms: float
     loadgen_cpu: float = 0.0
+    connections_per_worker: tuple[int, ...] = ()
 
     @property
     def rps(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[Sequence[Any]],
+        seconds: float,
+        cpu: float = 0.0,
+        connections_per_worker: Sequence[int] = (),
+    ) -> LoadResult:
+        """From ``benchmarks._loadgen`` records ``[start, latency, status, ...]``."""
+        ok = sum(1 for r in records if 200 <= r[2] < 300)
+        timeouts = sum(1 for r in records if r[2] == CLIENT_TIMEOUT)
+        lat = [r[1] * 1000 for r in records if r[2] != CONNECTION_ERROR]
+        return cls(
+            requests=len(records),
+            ok=ok,
+            errors=len(records) - ok - timeouts,
+            timeouts=timeouts,
+            seconds=seconds,
+            p50_ms=percentile(lat, 50),
+            p99_ms=percentile(lat, 99),
+            max_ms=max(lat, default=float("nan")),
+            loadgen_cpu=cpu,
+            connections_per_worker=tuple(connections_per_worker),
+        )
 
 
-_WRK_LUA = """
-local method = os.getenv("BENCH_METHOD") or "GET"
-local prefix = os.getenv("BENCH_PATH") or "/items/"
-local ids = tonumber(os.getenv("BENCH_IDS") or "1000")
-local counter = 0
-request = function()
-  if method == "POST" then
-    return wrk.format("POST", prefix)
-  end
-  counter = counter + 1
-  return wrk.format("GET", prefix .. ((counter * 7919) % ids + 1))
-end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH_JSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"errors\\": %d, " ..
-    "\\"non2xx\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d}\\n",
-    summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.timeout, e.status,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
-
-
-def have_wrk() -> bool:
-    return shutil.which("wrk") is not None
+def load_cells(results: Sequence[LoadResult]) -> list[str]:
+    """The :data:`LOAD_COLUMNS` cells of several rounds: median (min-max), counts summed."""
+    return [
+        spread([r.rps for r in results], 0),
+        spread([r.p50_ms for r in results], 2),
+        spread([r.p99_ms for r in results], 2),
+        spread([r.max_ms for r in results], 1),
+        str(sum(r.errors for r in results)),
+        str(sum(r.timeouts for r in results)),
+    ]
 
 
 def run_load(
@@ -299,62 +352,17 @@ def run_load(
     method: str = "GET",
     concurrency: int = CONCURRENCY,
     ids: int = 1000,
+    timeout: float = TIMEOUT,
+    workers: int = 1,
 ) -> LoadResult:
-    """Closed-loop load at fixed concurrency from another process (wrk, else ours)."""
-    if have_wrk():
-        return _run_wrk(base, path, seconds, method, concurrency, ids)
-    return _run_pyload(base, path, seconds, method, concurrency, ids)
+    """Closed-loop load at fixed concurrency from another process (``benchmarks._loadgen``).
 
-
-def _run_wrk(
-    base: str, path: str, seconds: float, method: str, concurrency: int, ids: int
-) -> LoadResult:
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_LUA)
-    env = {**os.environ, "BENCH_METHOD": method, "BENCH_PATH": path, "BENCH_IDS": str(ids)}
-    try:
-        proc = spawn(
-            [
-                "wrk",
-                "-t",
-                "1",
-                "-c",
-                str(concurrency),
-                "-d",
-                f"{max(1, round(seconds))}s",
-                "--timeout",
-                "10s",
-                "-s",
-                script.name,
-                base,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        out, _ = proc.communicate(timeout=seconds + 60)
-        _CHILDREN.discard(proc)
-        cpu = 0.0  # wrk is gone by now; its CPU is measured by the caller if needed
-    finally:
-        os.unlink(script.name)
-    text = out.decode(errors="replace")
-    for line in text.splitlines():
-        if line.startswith("BENCH_JSON "):
-            data = json.loads(line.removeprefix("BENCH_JSON "))
-            return LoadResult(
-                requests=data["requests"],
-                errors=data["errors"] + data["non2xx"],
-                seconds=data["duration_us"] / 1e6,
-                p50_ms=data["p50_us"] / 1000,
-                p99_ms=data["p99_us"] / 1000,
-                loadgen_cpu=cpu,
-            )
-    raise RuntimeError(f"wrk printed no result:\n{text}")
-
-
-def _run_pyload(
-    base: str, path: str, seconds: float, method: str, concurrency: int, ids: int
-) -> LoadResult:
+    Not wrk, though it costs less CPU per request: wrk drops from its latency
+    histogram every response slower than its ``--timeout`` (so its max never exceeds
+    it) and counts timeouts by sampling open connections every 2 s, so a connection
+    starved for the whole run may never show. Our generator records every request.
+    With ``workers`` > 1, the connections are spread evenly over the server's workers.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
         result = pyload(
@@ -366,15 +374,15 @@ def _run_pyload(
             read_paths=[path],
             write_path=path,
             ids=ids,
+            timeout=timeout,
+            tag=uuid.uuid4().hex[:12],  # the keys of POSTs are unique across runs
+            workers=workers,
         )
-    lat = [r[1] for r in result["records"] if r[2] < 300 and r[2] > 0]
-    return LoadResult(
-        requests=len(result["records"]),
-        errors=sum(1 for r in result["records"] if not 200 <= r[2] < 300),
-        seconds=result["seconds"],
-        p50_ms=percentile(lat, 50) * 1000,
-        p99_ms=percentile(lat, 99) * 1000,
-        loadgen_cpu=result["cpu"],
+    return LoadResult.from_records(
+        result["records"],
+        result["seconds"],
+        result["cpu"],
+        result.get("connections_per_worker", ()),
     )
 
 
@@ -389,8 +397,14 @@ def start_pyload(
     write_path: str = "/items",
     ids: int = 1000,
     tag: str = "w",
+    timeout: float | None = None,
+    workers: int = 1,
 ) -> subprocess.Popen[bytes]:
-    """Start ``benchmarks._loadgen`` in a subprocess; read its JSON with :func:`finish_pyload`."""
+    """Start ``benchmarks._loadgen`` in a subprocess; read its JSON with :func:`finish_pyload`.
+
+    ``timeout``: the client timeout per request (the generator's default if None);
+    ``workers``: how many server processes to spread the connections over.
+    """
     args = [
         sys.executable,
         "-m",
@@ -412,6 +426,10 @@ def start_pyload(
         "--tag",
         tag,
     ]
+    if timeout is not None:
+        args += ["--timeout", str(timeout)]
+    if workers > 1:
+        args += ["--workers", str(workers)]
     for p in read_paths:
         args += ["--read-path", p]
     return spawn(args, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
@@ -428,6 +446,15 @@ def finish_pyload(proc: subprocess.Popen[bytes], out: Path, timeout: float) -> d
 
 def pyload(base: str, out: Path, *, seconds: float, **kw: Any) -> dict[str, Any]:
     return finish_pyload(start_pyload(base, out, seconds=seconds, **kw), out, seconds + 60)
+
+
+# -- plots ------------------------------------------------------------------------------
+
+
+def spread_bar(ax: Any, x: float, values: Sequence[float], **kw: Any) -> None:
+    """A bar at the median of ``values`` with a min-max error bar."""
+    med = statistics.median(values)
+    ax.bar(x, med, yerr=[[med - min(values)], [max(values) - med]], capsize=4, **kw)
 
 
 @contextlib.contextmanager
@@ -460,6 +487,16 @@ def router_env(primary_url: str, replica_urls: Sequence[str], **settings: object
     for key, value in settings.items():
         env[f"REPLICA_ROUTER_{key.upper()}"] = str(value)
     return env
+
+
+def pool_env(pool_size: int, max_overflow: int) -> dict[str, str]:
+    """The same pool for both variants: get_db's engines and every router node."""
+    return {
+        "BENCH_POOL_SIZE": str(pool_size),
+        "BENCH_MAX_OVERFLOW": str(max_overflow),
+        "REPLICA_ROUTER_POOL_SIZE": str(pool_size),
+        "REPLICA_ROUTER_MAX_OVERFLOW": str(max_overflow),
+    }
 
 
 def log_dir(out_dir: Path) -> Path:

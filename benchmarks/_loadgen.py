@@ -1,8 +1,12 @@
 """A small closed-loop HTTP/1.1 load generator, run as its own process.
 
 It records every request (start time on the system-wide monotonic clock, latency,
-status; 0 for a connection error or timeout), so that fault windows can be cut out
-afterwards. Used for the fault benchmark and where ``wrk`` is not installed.
+status; 0 for a connection error, -1 for a client timeout), so that fault windows can
+be cut out afterwards. ``--timeout`` is the client's timeout: a request without its
+whole response by then is given up, as an HTTP client with a timeout does (the
+connection is closed and the next request opens a new one), and recorded with the
+time waited. Runs on uvloop when it is installed, as the app does, to spend less CPU
+beside the server it loads.
 
     python -m benchmarks._loadgen --base http://127.0.0.1:8000 --out load.json --seconds 10
 """
@@ -20,7 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-_TIMEOUT = 10.0
+TIMEOUT = 10.0  # the default client timeout, seconds
+CONNECTION_ERROR = 0
+CLIENT_TIMEOUT = -1
 
 
 class Connection:
@@ -42,24 +48,24 @@ class Connection:
             head += "Cookie: " + "; ".join(f"{k}={v}" for k, v in self.cookies.items()) + "\r\n"
         self.writer.write((head + "\r\n").encode("latin-1"))
         try:
-            status_line = await self.reader.readline()
-        except ConnectionResetError:
-            status_line = b""
-        if not status_line:
+            # The whole head in one read: a readline per header costs the client more
+            # CPU than the server spends on the request.
+            head_bytes = await self.reader.readuntil(b"\r\n\r\n")
+        except (ConnectionResetError, asyncio.IncompleteReadError):
+            head_bytes = b""
+        if not head_bytes:
             self.close()
             if reused and method == "GET":
                 # The server closed an idle keep-alive connection: what every HTTP
                 # client does, send the (idempotent) request again on a new one.
                 return await self.request(method, path)
             raise ConnectionError("closed")
+        status_line, *lines = head_bytes.decode("latin-1").split("\r\n")
         status = int(status_line.split()[1])
         length = 0
         close = False
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
+        for line in lines:
+            name, _, value = line.partition(":")
             lname = name.strip().lower()
             if lname == "content-length":
                 length = int(value.strip())
@@ -81,14 +87,13 @@ class Connection:
 
 async def _worker(
     index: int,
+    conn: Connection,
     args: argparse.Namespace,
     deadline: list[float],
     records: list[list[Any]],
     acked: list[str],
     sent: list[str],
 ) -> None:
-    url = urlsplit(args.base)
-    conn = Connection(url.hostname or "127.0.0.1", url.port or 80)
     paths: list[str] = args.read_path or ["/items/"]
     for n in itertools.count():
         start = time.monotonic()
@@ -103,33 +108,82 @@ async def _worker(
             which = n % len(paths)
             method, path = "GET", f"{paths[which]}{(index * 7919 + n * 31) % args.ids + 1}"
         try:
-            status, _ = await asyncio.wait_for(conn.request(method, path), _TIMEOUT)
-        except (OSError, ConnectionError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            async with asyncio.timeout(args.timeout):  # no task per request, as wait_for
+                status, _ = await conn.request(method, path)
+        except TimeoutError:
             conn.close()
-            status = 0
+            status = CLIENT_TIMEOUT
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError):
+            conn.close()
+            status = CONNECTION_ERROR
         latency = time.monotonic() - start
         records.append([start, latency, status, which])
         if key and 200 <= status < 300:
             acked.append(key)
-        if status == 0:
+        if status == CONNECTION_ERROR:
             await asyncio.sleep(0.01)  # do not spin on a refused connection
     conn.close()
+
+
+async def _spread_over_workers(
+    conns: list[Connection], workers: int, ready_path: str, request_timeout: float
+) -> dict[int, int]:
+    """Open the connections so that each of ``workers`` server processes holds its share.
+
+    Workers that share one listening socket accept a burst of new connections
+    unevenly (the first awake takes them all), and keep-alive keeps them there. As a
+    load balancer in front would, reconnect until no worker has more than its share:
+    each connection asks ``ready_path`` which process (``pid``) serves it.
+    """
+    share = -(-len(conns) // workers)
+    held: dict[int, int] = {}
+    attempts = 0
+    for conn in conns:
+        while True:
+            attempts += 1
+            if attempts > 50 * len(conns):
+                raise RuntimeError(f"could not spread connections over workers: {held}")
+            async with asyncio.timeout(request_timeout):
+                status, body = await conn.request("GET", ready_path)
+            if status != 200:
+                raise RuntimeError(f"{ready_path} answered {status}")
+            pid = int(json.loads(body)["pid"])
+            if held.get(pid, 0) < share:
+                held[pid] = held.get(pid, 0) + 1
+                break
+            conn.close()
+            await asyncio.sleep(0.002)  # let the other workers reach accept()
+    return held
 
 
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     records: list[list[Any]] = []
     acked: list[str] = []
     sent: list[str] = []
+    url = urlsplit(args.base)
+    conns = [
+        Connection(url.hostname or "127.0.0.1", url.port or 80) for _ in range(args.concurrency)
+    ]
+    held: dict[int, int] = {}
+    if args.workers > 1:
+        held = await _spread_over_workers(conns, args.workers, args.ready_path, args.timeout)
     started = time.monotonic()
     deadline = [started + args.seconds]
     # SIGUSR1 ends the run early (each worker finishes its request in flight).
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, deadline.__setitem__, 0, 0.0)
     await asyncio.gather(
-        *(_worker(i, args, deadline, records, acked, sent) for i in range(args.concurrency))
+        *(_worker(i, conn, args, deadline, records, acked, sent) for i, conn in enumerate(conns))
     )
     seconds = time.monotonic() - started
     cpu = sum(os.times()[:2])
-    return {"seconds": seconds, "cpu": cpu, "records": records, "acked": acked, "sent": sent}
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "records": records,
+        "acked": acked,
+        "sent": sent,
+        "connections_per_worker": sorted(held.values(), reverse=True),
+    }
 
 
 def main() -> None:
@@ -143,8 +197,24 @@ def main() -> None:
     parser.add_argument("--write-path", default="/items")
     parser.add_argument("--ids", type=int, default=1000)
     parser.add_argument("--tag", default="w")
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT, help="client timeout per request, seconds"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes to spread the connections over (asks --ready-path)",
+    )
+    parser.add_argument("--ready-path", default="/ready")
     args = parser.parse_args()
-    Path(args.out).write_text(json.dumps(asyncio.run(_main(args))))
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(_main(args))
+    else:
+        result = uvloop.run(_main(args))
+    Path(args.out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

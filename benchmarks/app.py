@@ -11,6 +11,13 @@ Routes: ``GET /items/{id}`` (ORM primary-key read), ``POST /items[?k=key]`` (ins
 replica only), ``GET /rr/items/{id}`` (``router.run_read``, router only),
 ``GET /ready``, and with the router ``/health/nodes``.
 
+Pool sizes come from the environment, the same for both variants: ``get_db``'s
+engines take ``BENCH_POOL_SIZE`` and ``BENCH_MAX_OVERFLOW`` (default 10 and 10), the
+router its own settings ``REPLICA_ROUTER_POOL_SIZE`` and
+``REPLICA_ROUTER_MAX_OVERFLOW`` (same defaults); ``benchmarks._common.pool_env`` sets
+all four. The router gets no pool options in ``engine_options``, which would win over
+its settings.
+
 Read-your-writes (router only): ``POST /ryw/items`` inserts a row and returns its id;
 ``GET /ryw/items/{id}`` answers 200 with whether the row was found and whether a
 replica served it (``pg_is_in_recovery()``). With ``BENCH_PIN_SECONDS`` > 0 they do
@@ -52,7 +59,10 @@ VARIANT = os.environ.get("BENCH_VARIANT", "get_db")
 SLOW_PORT = int(os.environ.get("BENCH_SLOW_PORT", "0"))
 PIN_SECONDS = float(os.environ.get("BENCH_PIN_SECONDS", "0"))
 PIN_COOKIE = "bench_last_write"
-POOL = {"pool_size": 10, "max_overflow": 10}
+POOL = {
+    "pool_size": int(os.environ.get("BENCH_POOL_SIZE", "10")),
+    "max_overflow": int(os.environ.get("BENCH_MAX_OVERFLOW", "10")),
+}
 
 
 def _row(item: Item | None) -> dict[str, Any]:
@@ -100,7 +110,7 @@ def _get_db_app() -> FastAPI:
 
 
 def _router_app() -> FastAPI:
-    router = ReplicaRouter.from_env(env_file=None, engine_options=POOL)
+    router = ReplicaRouter.from_env(env_file=None)
     app = FastAPI(lifespan=router.lifespan)
     Writer = Annotated[AsyncSession, Depends(router.writer)]
 
@@ -181,8 +191,8 @@ def _add_reads(app: FastAPI, reader: Callable[..., Any]) -> None:
         return _row(await db.get(Item, item_id))
 
     @app.get("/ready")
-    async def ready() -> dict[str, str]:
-        return {"variant": VARIANT}
+    async def ready() -> dict[str, Any]:
+        return {"variant": VARIANT, "pid": os.getpid()}
 
 
 _BUILDERS: dict[str, Callable[[], FastAPI]] = {"get_db": _get_db_app, "router": _router_app}

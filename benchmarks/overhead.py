@@ -1,9 +1,18 @@
 """Overhead: hand-written ``get_db`` vs ``router.reader``/``router.writer`` on the same nodes.
 
-Both variants serve the same app module (``benchmarks.app``) with uvicorn, one worker;
-reads go to replica-1, writes to the primary. Variants are interleaved A B A B, each in a
-fresh uvicorn process, and load comes from ``wrk`` (or our own load generator) at a fixed
-concurrency of 16.
+Both variants serve the same app module (``benchmarks.app``) with uvicorn, one worker
+(uvloop, httptools); reads go to replica-1, writes to the primary, at a fixed
+concurrency of 16 connections from ``benchmarks._loadgen`` (client timeout 2 s).
+
+Two cases, the same pool sizes on every engine of both variants (get_db's and each
+router node's):
+
+- *roomy*: pool 10 + overflow 10, so 16 connections never wait for a pooled
+  connection; reads and writes.
+- *contended*: pool 10 + overflow 0, so 6 requests always wait: whether waiters are
+  served first come, first served shows in the tail (max, timeouts); reads.
+
+Variants are interleaved get_db, router in each round, each in a fresh uvicorn process.
 """
 
 from __future__ import annotations
@@ -16,145 +25,220 @@ import matplotlib.pyplot as plt
 
 from ._common import (
     CONCURRENCY,
+    LOAD_COLUMNS,
+    LOAD_GENERATOR,
+    TIMEOUT,
     AppServer,
     CpuMeter,
     LoadResult,
     Table,
     get_db_env,
-    have_wrk,
+    load_cells,
     log_dir,
+    pool_env,
     postgres_pids,
     ratio,
     router_env,
     run_load,
     spread,
+    spread_bar,
 )
 
 VARIANTS = ("get_db", "router")
-PATHS = ("read", "write")
+# (case, path): the rows of the table, in order.
+CASES = {"roomy": (10, 10), "contended": (10, 0)}
+ROWS = (("roomy", "read"), ("contended", "read"), ("roomy", "write"))
+COLORS = {"get_db": "tab:blue", "router": "tab:orange"}
 
 
 def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
-    rounds = 1 if quick else 4
-    read_s, write_s, warm_s = (2, 1, 1) if quick else (8, 4, 2)
+    rounds = 1 if quick else 3
+    read_s, write_s, warm_s = (1.5, 1.0, 0.5) if quick else (10, 5, 2)
     replica = cluster.replica_urls[0]
-    envs = {
-        "get_db": get_db_env(replica, cluster.primary_url),
-        "router": router_env(cluster.primary_url, [replica]),
+    results: dict[tuple[str, str, str], list[LoadResult]] = {
+        (c, p, v): [] for c, p in ROWS for v in VARIANTS
     }
-    results: dict[tuple[str, str], list[LoadResult]] = {(v, p): [] for v in VARIANTS for p in PATHS}
-    app_cpu: dict[tuple[str, str], list[float]] = {(v, p): [] for v in VARIANTS for p in PATHS}
-    pg_cpu: dict[tuple[str, str], list[float]] = {(v, p): [] for v in VARIANTS for p in PATHS}
+    app_cpu: dict[tuple[str, str, str], list[float]] = {k: [] for k in results}
+    pg_cpu: dict[tuple[str, str, str], list[float]] = {k: [] for k in results}
     logs = log_dir(out_dir)
     for _ in range(rounds):
-        for variant in VARIANTS:
-            with AppServer(envs[variant], logs) as app:
-                run_load(app.base, "/items/", warm_s)
-                run_load(app.base, "/items", warm_s, method="POST")
-                for path, seconds in (("read", read_s), ("write", write_s)):
-                    meter = CpuMeter({"app": [app.pid], "postgres": postgres_pids(cluster)})
-                    meter.start()
-                    if path == "read":
-                        res = run_load(app.base, "/items/", seconds)
-                    else:
-                        res = run_load(app.base, "/items", seconds, method="POST")
-                    cpu = meter.stop()
-                    results[(variant, path)].append(res)
-                    app_cpu[(variant, path)].append(100 * cpu["app"] / res.seconds)
-                    pg_cpu[(variant, path)].append(1000 * cpu["postgres"] / max(1, res.requests))
+        for case, (size, overflow) in CASES.items():
+            paths = [p for c, p in ROWS if c == case]
+            for variant in VARIANTS:
+                env = (
+                    get_db_env(replica, cluster.primary_url)
+                    if variant == "get_db"
+                    else router_env(cluster.primary_url, [replica])
+                )
+                env.update(pool_env(size, overflow))
+                with AppServer(env, logs) as app:
+                    for path in paths:
+                        _load(app.base, path, warm_s)
+                    for path in paths:
+                        meter = CpuMeter({"app": [app.pid], "postgres": postgres_pids(cluster)})
+                        meter.start()
+                        res = _load(app.base, path, read_s if path == "read" else write_s)
+                        cpu = meter.stop()
+                        key = (case, path, variant)
+                        results[key].append(res)
+                        app_cpu[key].append(100 * cpu["app"] / res.seconds)
+                        pg_cpu[key].append(1000 * cpu["postgres"] / max(1, res.requests))
 
     table = Table(
         name="overhead",
         title=(
             f"Overhead: get_db vs router on one replica (reads) / the primary (writes), "
-            f"{CONCURRENCY} connections, {rounds} round(s) interleaved"
+            f"1 uvicorn worker, {CONCURRENCY} connections, {rounds} round(s) interleaved"
         ),
         columns=[
+            "case (pool + overflow)",
             "path",
             "variant",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
-            "errors",
+            *LOAD_COLUMNS,
             "uvicorn CPU %",
             "PostgreSQL CPU ms/req",
         ],
     )
-    for path in PATHS:
+    for case, path in ROWS:
+        label = f"{case} ({CASES[case][0]} + {CASES[case][1]})"
         for variant in VARIANTS:
-            rs = results[(variant, path)]
+            key = (case, path, variant)
             table.rows.append(
                 [
+                    label,
                     path,
                     variant,
-                    spread([r.rps for r in rs], 0),
-                    spread([r.p50_ms for r in rs], 2),
-                    spread([r.p99_ms for r in rs], 2),
-                    str(sum(r.errors for r in rs)),
-                    spread(app_cpu[(variant, path)], 0),
-                    spread(pg_cpu[(variant, path)], 3),
+                    *load_cells(results[key]),
+                    spread(app_cpu[key], 0),
+                    spread(pg_cpu[key], 3),
                 ]
             )
-    for path in PATHS:
-        a, b = results[("router", path)], results[("get_db", path)]
-        rps = ratio([r.rps for r in a], [r.rps for r in b])
-        p50 = ratio([r.p50_ms for r in a], [r.p50_ms for r in b])
-        p99 = ratio([r.p99_ms for r in a], [r.p99_ms for r in b])
-        per_round = [ra.p50_ms / rb.p50_ms for ra, rb in zip(a, b, strict=True)]
+        a, b = results[(case, path, "router")], results[(case, path, "get_db")]
         table.rows.append(
             [
+                label,
                 path,
                 "**router / get_db**",
-                f"{rps:.3f}",
-                f"{p50:.3f}",
-                f"{p99:.3f}",
+                *(
+                    f"{ratio([getattr(r, attr) for r in a], [getattr(r, attr) for r in b]):.3f}"
+                    for attr in ("rps", "p50_ms", "p99_ms", "max_ms")
+                ),
+                "",
                 "",
                 "",
                 "",
             ]
         )
-        if path == "read":
-            p99_spread = [r.p99_ms for r in b]
-            noise = (max(p99_spread) - min(p99_spread)) / statistics.median(p99_spread)
-            verdict_p50 = "met" if p50 <= 1.02 else "NOT met"
-            verdict_p99 = "met" if p99 <= 1.05 else "NOT met"
-            table.notes.append(
-                f"Goal on reads, router adds at most 2% at p50: {verdict_p50} "
-                f"({(p50 - 1) * 100:+.1f}%; per-round p50 ratios "
-                f"{', '.join(f'{x:.3f}' for x in per_round)}); at most 5% at p99: "
-                f"{verdict_p99} ({(p99 - 1) * 100:+.1f}%, but get_db's own p99 moves by "
-                f"{noise * 100:.0f}% between rounds)."
-            )
+    table.notes += _verdicts(results)
     table.notes.append(
-        "Cells are median (min-max) across rounds; ratios are of the medians. "
-        f"Load generator: {'wrk, 1 thread' if have_wrk() else 'benchmarks._loadgen'}; "
-        "uvicorn CPU % is of one core (100 = the app process is the bottleneck)."
+        "Cells are median (min-max) across rounds, errors and timeouts summed over rounds; "
+        "ratios are of the medians. errors: non-2xx responses and connection errors; "
+        f"timeouts: requests without a response after {TIMEOUT:g} s (the client's timeout: "
+        "given up, counted with the time waited in p99 and max). "
+        f"Load generator: {LOAD_GENERATOR}; uvicorn with uvloop and httptools; uvicorn "
+        "CPU % is of one core (100 = the app process is the bottleneck)."
     )
-    table.png = _plot(results, out_dir / "overhead.png")
+    table.png = _plot(results, rounds, out_dir / "overhead.png")
     return table
 
 
-def _plot(results: dict[tuple[str, str], list[LoadResult]], png: Path) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    metrics = (("req/s", "rps"), ("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"))
-    for ax, (label, attr) in zip(axes, metrics, strict=True):
-        for i, path in enumerate(PATHS):
+def _load(base: str, path: str, seconds: float) -> LoadResult:
+    if path == "read":
+        return run_load(base, "/items/", seconds)
+    return run_load(base, "/items", seconds, method="POST")
+
+
+def _verdicts(results: dict[tuple[str, str, str], list[LoadResult]]) -> list[str]:
+    def med(case: str, variant: str, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in results[(case, "read", variant)]))
+
+    notes = []
+    for case in CASES:
+        rps = med(case, "router", "rps") / med(case, "get_db", "rps")
+        p50 = med(case, "router", "p50_ms") / med(case, "get_db", "p50_ms")
+        per_round = [
+            ra.p50_ms / rb.p50_ms
+            for ra, rb in zip(
+                results[(case, "read", "router")], results[(case, "read", "get_db")], strict=True
+            )
+        ]
+        ok = rps >= 0.98 and p50 <= 1.02
+        notes.append(
+            f"Read overhead goal, {case} (router within 2% of get_db in req/s and p50): "
+            f"{'met' if ok else 'NOT met'}: req/s {rps:.3f}x ({(rps - 1) * 100:+.1f}%), "
+            f"p50 {p50:.3f}x ({(p50 - 1) * 100:+.1f}%; per-round p50 ratios "
+            f"{', '.join(f'{x:.3f}' for x in per_round)})."
+        )
+    router = results[("contended", "read", "router")]
+    get_db = results[("contended", "read", "get_db")]
+    errors = sum(r.errors for r in router)
+    timeouts = sum(r.timeouts for r in router)
+    p99_r = float(statistics.median(r.p99_ms for r in router))
+    p99_g = float(statistics.median(r.p99_ms for r in get_db))
+    max_r = max(r.max_ms for r in router)
+    max_g = max(r.max_ms for r in get_db)
+    checks = [
+        (f"no error ({errors})", errors == 0),
+        (f"no timeout ({timeouts})", timeouts == 0),
+        (f"p99 at or below get_db's ({p99_r:.1f} against {p99_g:.1f} ms)", p99_r <= p99_g),
+    ]
+    notes.append(
+        "Contended case (pool 10 + overflow 0 on every engine, 16 connections, one "
+        "replica), router: "
+        + "; ".join(f"{text}: {'met' if ok else 'NOT met'}" for text, ok in checks)
+        + f". Worst request over all rounds: router {max_r:.0f} ms, get_db {max_g:.0f} ms; "
+        f"get_db: {sum(r.errors for r in get_db)} errors, "
+        f"{sum(r.timeouts for r in get_db)} timeouts."
+    )
+    return notes
+
+
+def _plot(results: dict[tuple[str, str, str], list[LoadResult]], rounds: int, png: Path) -> Path:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    metrics = (
+        ("throughput", "req/s", "rps"),
+        ("median latency (p50)", "ms", "p50_ms"),
+        ("p99 latency", "ms", "p99_ms"),
+        ("max latency (a timeout counts as its wait)", "ms", "max_ms"),
+    )
+    groups = [f"{case} {path}\n(pool {CASES[case][0]} + {CASES[case][1]})" for case, path in ROWS]
+    width = 0.38
+    for ax, (title, unit, attr) in zip(axes.flat, metrics, strict=True):
+        for i, (case, path) in enumerate(ROWS):
             for j, variant in enumerate(VARIANTS):
-                values = [getattr(r, attr) for r in results[(variant, path)]]
-                med = statistics.median(values)
-                ax.bar(
-                    i * 3 + j,
-                    med,
-                    yerr=[[med - min(values)], [max(values) - med]],
-                    color="tab:blue" if variant == "get_db" else "tab:orange",
+                rs = results[(case, path, variant)]
+                x = i + (j - 0.5) * width
+                spread_bar(
+                    ax,
+                    x,
+                    [getattr(r, attr) for r in rs],
+                    width=width,
+                    color=COLORS[variant],
                     label=variant if i == 0 else None,
-                    capsize=4,
                 )
-        ax.set_xticks([0.5, 3.5], list(PATHS))
-        ax.set_title(label)
-    axes[0].legend()
-    fig.suptitle("get_db vs ReplicaRouter (median, min-max bars)")
-    fig.tight_layout()
+                bad = sum(r.errors for r in rs) + sum(r.timeouts for r in rs)
+                if bad:
+                    ax.annotate(
+                        f"{bad} err/timeout",
+                        (x, 0),
+                        xytext=(0, 3),
+                        textcoords="offset points",
+                        ha="center",
+                        fontsize=8,
+                        color="red",
+                        rotation=90,
+                    )
+        ax.set_xticks(range(len(ROWS)), groups)
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=len(VARIANTS))
+    fig.suptitle(
+        f"get_db vs ReplicaRouter, 1 uvicorn worker, {CONCURRENCY} connections, "
+        f"{rounds} round(s): bar = median, whisker = min-max over rounds"
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png

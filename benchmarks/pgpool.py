@@ -3,7 +3,16 @@
 pgpool-II (the Debian ``pgpool2`` package) runs on loopback in streaming-replication
 mode, load balancing reads over the two replicas (the primary's weight is 0). The app
 with ``get_db`` reads through pgpool; the router app reads from the replicas directly.
-A fresh pgpool per round; variants interleaved; reads only, ``wrk`` at 16 connections.
+A fresh pgpool per run; variants interleaved; reads only (``GET /items/{id}``), from
+``benchmarks._loadgen``; pool 10 + overflow 0 on every engine of every variant.
+
+Two cases:
+
+- *1 worker, 16 connections*: uvicorn is the bottleneck on one core; what matters is
+  CPU per request over everything (app + proxy + servers).
+- *2 workers, 32 connections* (``uvicorn --workers 2``): the app on both cores, as
+  in production, so the proxy's CPU comes out of the app's; req/s and latency, with
+  ``get_db`` on one replica directly (no proxy) as a ceiling.
 
 CPU per request sums utime+stime of uvicorn, pgpool and every PostgreSQL process (from
 /proc). Statements on the primary per read are the primary's ``xact_commit +
@@ -23,24 +32,40 @@ from urllib.parse import quote
 import matplotlib.pyplot as plt
 
 from ._common import (
-    CONCURRENCY,
+    LOAD_COLUMNS,
+    LOAD_GENERATOR,
+    TIMEOUT,
     AppServer,
     CpuMeter,
     LoadResult,
     Table,
     free_port,
     get_db_env,
+    load_cells,
     log_dir,
+    pool_env,
     postgres_pids,
+    process_tree,
     ratio,
     router_env,
     run_load,
     spawn,
     spread,
+    spread_bar,
     terminate,
 )
 
-VARIANTS = ("get_db via pgpool", "router")
+PGPOOL = "get_db via pgpool"
+ROUTER = "router"
+ONE = "1 worker, 16 conns"
+TWO = "2 workers, 32 conns"
+# pool_size, max_overflow of every engine (get_db's, each router node's), per worker.
+POOL = (10, 0)
+CPU_GROUPS = (
+    ("app", "uvicorn", "tab:green"),
+    ("pgpool", "pgpool", "tab:red"),
+    ("postgres", "PostgreSQL", "tab:purple"),
+)
 
 
 class PgPool:
@@ -125,18 +150,26 @@ def _primary_xacts(cluster: Any) -> int:
     return int(rows[0][0])
 
 
+def _direct_variant(cluster: Any) -> str:
+    return f"get_db on {cluster.replicas[0].name} (no proxy)"
+
+
 def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
+    direct = _direct_variant(cluster)
+    cases = {
+        ONE: (1, 16, (PGPOOL, ROUTER)),
+        TWO: (2, 32, (PGPOOL, ROUTER, direct)),
+    }
     table = Table(
         name="pgpool",
         title=(
-            f"Against pgpool-II: reads over 2 replicas, {CONCURRENCY} connections "
-            "(median (min-max) across rounds)"
+            "Against pgpool-II: reads over 2 replicas (median (min-max) across rounds), "
+            f"pool {POOL[0]} + overflow {POOL[1]} on every engine"
         ),
         columns=[
+            "case",
             "variant",
-            "req/s",
-            "p50 ms",
-            "p99 ms",
+            *LOAD_COLUMNS,
             "CPU ms/req (all)",
             "uvicorn ms/req",
             "pgpool ms/req",
@@ -148,111 +181,226 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
         table.notes.append("Skipped: pgpool-II is not installed (apt-get install pgpool2).")
         return table
     rounds = 1 if quick else 3
-    seconds, warm = (2, 1) if quick else (6, 2)
+    seconds, warm = (1.5, 0.5) if quick else (10, 2)
     logs = log_dir(out_dir)
-    results: dict[str, list[LoadResult]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, dict[str, list[float]]] = {
-        v: {g: [] for g in ("all", "app", "pgpool", "postgres")} for v in VARIANTS
+    keys = [(case, v) for case, (_, _, variants) in cases.items() for v in variants]
+    results: dict[tuple[str, str], list[LoadResult]] = {k: [] for k in keys}
+    cpu: dict[tuple[str, str], dict[str, list[float]]] = {
+        k: {g: [] for g in ("all", "app", "pgpool", "postgres")} for k in keys
     }
-    primary_per_read: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    primary_per_read: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    busiest: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
     for _ in range(rounds):
-        for variant in VARIANTS:
-            xacts0 = _primary_xacts(cluster)
-            pool = PgPool(cluster, logs) if variant != "router" else None
-            try:
-                if pool is not None:
-                    env = get_db_env(pool.url, cluster.primary_url)
-                else:
-                    env = router_env(cluster.primary_url, cluster.replica_urls)
-                with AppServer(env, logs) as app:
-                    warmed = run_load(app.base, "/items/", warm)
-                    groups = {"app": [app.pid], "postgres": postgres_pids(cluster)}
+        for case, (workers, connections, variants) in cases.items():
+            for variant in variants:
+                xacts0 = _primary_xacts(cluster)
+                pool = PgPool(cluster, logs) if variant == PGPOOL else None
+                try:
                     if pool is not None:
-                        groups["pgpool"] = [pool.proc.pid]
-                    meter = CpuMeter(groups)
-                    meter.start()
-                    res = run_load(app.base, "/items/", seconds)
-                    used = meter.stop()
-            finally:
-                if pool is not None:
-                    pool.close()
-            time.sleep(0.5)  # exited backends have flushed their statistics
-            xacts = _primary_xacts(cluster) - xacts0
-            results[variant].append(res)
-            n = max(1, res.requests)
-            for group in ("app", "pgpool", "postgres"):
-                cpu[variant][group].append(1000 * used.get(group, 0.0) / n)
-            cpu[variant]["all"].append(1000 * sum(used.values()) / n)
-            primary_per_read[variant].append(xacts / max(1, res.requests + warmed.requests))
-    for variant in VARIANTS:
-        rs = results[variant]
-        table.rows.append(
-            [
-                variant,
-                spread([r.rps for r in rs], 0),
-                spread([r.p50_ms for r in rs], 2),
-                spread([r.p99_ms for r in rs], 2),
-                spread(cpu[variant]["all"], 3),
-                spread(cpu[variant]["app"], 3),
-                spread(cpu[variant]["pgpool"], 3),
-                spread(cpu[variant]["postgres"], 3),
-                spread(primary_per_read[variant], 3),
-            ]
-        )
-    a, b = results["router"], results["get_db via pgpool"]
-    rps = ratio([r.rps for r in a], [r.rps for r in b])
-    p50 = ratio([r.p50_ms for r in a], [r.p50_ms for r in b])
-    p99 = ratio([r.p99_ms for r in a], [r.p99_ms for r in b])
-    cpu_ratio = ratio(cpu["router"]["all"], cpu["get_db via pgpool"]["all"])
-    table.rows.append(
-        [
-            "**router / pgpool**",
-            f"{rps:.3f}",
-            f"{p50:.3f}",
-            f"{p99:.3f}",
-            f"{cpu_ratio:.3f}",
-            "",
-            "",
-            "",
-            "",
-        ]
-    )
+                        env = get_db_env(pool.url, cluster.primary_url)
+                    elif variant == ROUTER:
+                        env = router_env(cluster.primary_url, cluster.replica_urls)
+                    else:
+                        env = get_db_env(cluster.replica_urls[0], cluster.primary_url)
+                    env.update(pool_env(*POOL))
+                    with AppServer(env, logs, workers=workers) as app:
+                        warmed = run_load(
+                            app.base, "/items/", warm, concurrency=connections, workers=workers
+                        )
+                        worker_pids = _children(app.pid) if workers > 1 else []
+                        groups = {"app": [app.pid], "postgres": postgres_pids(cluster)}
+                        if pool is not None:
+                            groups["pgpool"] = [pool.proc.pid]
+                        for i, pid in enumerate(worker_pids):
+                            groups[f"worker-{i}"] = [pid]
+                        meter = CpuMeter(groups)
+                        meter.start()
+                        res = run_load(
+                            app.base, "/items/", seconds, concurrency=connections, workers=workers
+                        )
+                        used = meter.stop()
+                finally:
+                    if pool is not None:
+                        pool.close()
+                time.sleep(0.5)  # exited backends have flushed their statistics
+                xacts = _primary_xacts(cluster) - xacts0
+                key = (case, variant)
+                results[key].append(res)
+                n = max(1, res.requests)
+                for group in ("app", "pgpool", "postgres"):
+                    cpu[key][group].append(1000 * used.get(group, 0.0) / n)
+                total = sum(used.get(g, 0.0) for g in ("app", "pgpool", "postgres"))
+                cpu[key]["all"].append(1000 * total / n)
+                primary_per_read[key].append(xacts / max(1, res.requests + warmed.requests))
+                per_worker = [used[f"worker-{i}"] for i in range(len(worker_pids))]
+                if sum(per_worker) > 0:
+                    busiest[key].append(max(per_worker) / sum(per_worker))
+    for case, (_, _, variants) in cases.items():
+        for variant in variants:
+            key = (case, variant)
+            table.rows.append(
+                [
+                    case,
+                    variant,
+                    *load_cells(results[key]),
+                    spread(cpu[key]["all"], 3),
+                    spread(cpu[key]["app"], 3),
+                    spread(cpu[key]["pgpool"], 3),
+                    spread(cpu[key]["postgres"], 3),
+                    spread(primary_per_read[key], 3),
+                ]
+            )
+        table.rows.append(_ratio_row(case, "**router / pgpool**", results, cpu, ROUTER, PGPOOL))
+        if case == TWO:
+            table.rows.append(
+                _ratio_row(case, "**router / no proxy**", results, cpu, ROUTER, direct)
+            )
+
+    def med(key: tuple[str, str], attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in results[key]))
+
+    cpu_1 = ratio(cpu[(ONE, ROUTER)]["all"], cpu[(ONE, PGPOOL)]["all"])
+    rps_2 = med((TWO, ROUTER), "rps") / med((TWO, PGPOOL), "rps")
+    p50_2 = med((TWO, ROUTER), "p50_ms") / med((TWO, PGPOOL), "p50_ms")
+    primary_reads = statistics.median(x for case in cases for x in primary_per_read[(case, ROUTER)])
     goals = [
-        ("req/s at least pgpool's", rps >= 1.0),
-        ("lower p50", p50 < 1.0),
-        ("at most 0.8x CPU per request", cpu_ratio <= 0.8),
-        ("zero primary statements per read", statistics.median(primary_per_read["router"]) < 0.01),
+        (f"{ONE}: at most 0.8x pgpool's CPU per request ({cpu_1:.3f}x)", cpu_1 <= 0.8),
+        (f"{TWO}: at least 1.5x pgpool's req/s ({rps_2:.3f}x)", rps_2 >= 1.5),
+        (f"{TWO}: a lower p50 ({p50_2:.3f}x)", p50_2 < 1.0),
+        (f"zero primary statements per read ({primary_reads:.3f})", primary_reads < 0.01),
     ]
     table.notes.append(
         "Goals: " + "; ".join(f"{g}: {'met' if ok else 'NOT met'}" for g, ok in goals) + "."
     )
+    bad = [
+        f"{case}, {variant}: {sum(r.errors for r in rs)} errors, "
+        f"{sum(r.timeouts for r in rs)} timeouts"
+        for (case, variant), rs in results.items()
+        if any(r.errors or r.timeouts for r in rs)
+    ]
     table.notes.append(
-        "Primary xacts per read include everything the primary ran while the variant was up, "
-        "divided by all requests sent (warm-up included): for the router that is its health "
-        "probe of the primary (one per interval), not reads; with pgpool, each read's "
-        "BEGIN/ROLLBACK is also sent to the primary."
+        "Errors and timeouts: " + ("; ".join(bad) if bad else "none in any variant") + "."
     )
-    table.png = _plot(results, cpu, out_dir / "pgpool.png")
+    split = [
+        f"{variant} {spread([100 * x for x in busiest[(TWO, variant)]], 0)}%"
+        for variant in cases[TWO][2]
+        if busiest[(TWO, variant)]
+    ]
+    held = sorted({"/".join(map(str, r.connections_per_worker)) for r in _all(results, TWO)})
+    table.notes.append(
+        f"{TWO}: uvicorn's supervisor forks the workers, which share one listening socket, "
+        "as in production. A burst of new connections lands unevenly on them (in a trial "
+        "run one worker did all the work in 2 of 3 rounds), so the load generator "
+        "reconnects until each worker "
+        f"holds its share, as a balancer in front would: connections per worker "
+        f"{', '.join(held)}. The busiest worker's share of the workers' CPU (50% = even): "
+        f"{', '.join(split) or 'n/a'}. The no-proxy row reads one replica directly with "
+        "get_db: a ceiling without a proxy or routing."
+    )
+    table.notes.append(
+        "CPU per request sums uvicorn (every worker), pgpool and every PostgreSQL process. "
+        "Primary xacts per read include everything the primary ran while the variant was "
+        "up, divided by all requests sent (warm-up included): for the router that is its "
+        "health probe of the primary (one per interval per worker), not reads; with "
+        "pgpool, each read's BEGIN/ROLLBACK is also sent to the primary. "
+        f"Load generator: {LOAD_GENERATOR}, client timeout {TIMEOUT:g} s; errors: non-2xx "
+        "and connection errors."
+    )
+    table.png = _plot(cases, results, cpu, rounds, out_dir / "pgpool.png")
     return table
 
 
+def _ratio_row(
+    case: str,
+    label: str,
+    results: dict[tuple[str, str], list[LoadResult]],
+    cpu: dict[tuple[str, str], dict[str, list[float]]],
+    a: str,
+    b: str,
+) -> list[str]:
+    ra, rb = results[(case, a)], results[(case, b)]
+    cells = [
+        f"{ratio([getattr(r, attr) for r in ra], [getattr(r, attr) for r in rb]):.3f}"
+        for attr in ("rps", "p50_ms", "p99_ms", "max_ms")
+    ]
+    return [
+        case,
+        label,
+        *cells,
+        "",
+        "",
+        f"{ratio(cpu[(case, a)]['all'], cpu[(case, b)]['all']):.3f}",
+        "",
+        "",
+        "",
+        "",
+    ]
+
+
+def _all(results: dict[tuple[str, str], list[LoadResult]], case: str) -> list[LoadResult]:
+    return [r for (c, _), rs in results.items() if c == case for r in rs]
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (uvicorn's workers)."""
+    return [p for p in process_tree(pid) if p != pid and _ppid(p) == pid]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def _plot(
-    results: dict[str, list[LoadResult]], cpu: dict[str, dict[str, list[float]]], png: Path
+    cases: dict[str, tuple[int, int, tuple[str, ...]]],
+    results: dict[tuple[str, str], list[LoadResult]],
+    cpu: dict[tuple[str, str], dict[str, list[float]]],
+    rounds: int,
+    png: Path,
 ) -> Path:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    panels = (
-        ("req/s", [[r.rps for r in results[v]] for v in VARIANTS]),
-        ("p50 ms", [[r.p50_ms for r in results[v]] for v in VARIANTS]),
-        ("CPU ms per request (all processes)", [cpu[v]["all"] for v in VARIANTS]),
+    fig, axes = plt.subplots(len(cases), 4, figsize=(17, 4.2 * len(cases)), squeeze=False)
+    colors = {PGPOOL: "tab:blue", ROUTER: "tab:orange"}
+    for row, (case, (_, _, variants)) in zip(axes, cases.items(), strict=True):
+        names = [_short(v) for v in variants]
+        for ax, (title, unit, attr) in zip(
+            row[:3],
+            (("throughput", "req/s", "rps"), ("p50", "ms", "p50_ms"), ("p99", "ms", "p99_ms")),
+            strict=True,
+        ):
+            for i, variant in enumerate(variants):
+                spread_bar(
+                    ax,
+                    i,
+                    [getattr(r, attr) for r in results[(case, variant)]],
+                    color=colors.get(variant, "tab:gray"),
+                )
+            ax.set_xticks(range(len(variants)), names)
+            ax.set_ylabel(unit)
+            ax.set_title(f"{case}: {title}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        ax = row[3]
+        bottom = [0.0] * len(variants)
+        for group, label, color in CPU_GROUPS:
+            values = [statistics.median(cpu[(case, v)][group]) for v in variants]
+            ax.bar(range(len(variants)), values, bottom=bottom, color=color, label=label)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        ax.set_xticks(range(len(variants)), names)
+        ax.set_ylim(top=max(bottom) * 1.3)  # room for the legend above the bars
+        ax.set_ylabel("CPU ms per request")
+        ax.set_title(f"{case}: CPU per request (median)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", ncols=len(CPU_GROUPS))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        f"get_db through pgpool-II vs ReplicaRouter over 2 replicas, pool {POOL[0]} + "
+        f"{POOL[1]}, {rounds} round(s): bar = median, whisker = min-max over rounds"
     )
-    for ax, (label, series) in zip(axes, panels, strict=True):
-        for i, values in enumerate(series):
-            m = statistics.median(values)
-            ax.bar(i, m, yerr=[[m - min(values)], [max(values) - m]], capsize=4)
-        ax.set_xticks(range(len(VARIANTS)), list(VARIANTS))
-        ax.set_title(label)
-    fig.suptitle("get_db through pgpool-II vs ReplicaRouter (median, min-max)")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def _short(variant: str) -> str:
+    return variant.replace(" (no proxy)", "\n(no proxy)").replace(" via ", "\nvia ")

@@ -1,8 +1,9 @@
 """Scale: what choosing a replica and probing the replicas cost as replicas grow.
 
 Selection is measured in process on routers built with 1, 8 and 64 *simulated*
-replicas (URLs on unused ports, never connected): the time of ``_fit_replicas()``
-and ``_pick_reader([])`` per call, for each strategy. Probing is measured with
+replicas (URLs on unused ports, never connected): the time of the router's
+``Reads.fit_replicas()`` and ``Reads.pick([])`` (private; what every read runs) per
+call, for each strategy. Probing is measured with
 ``HealthChecker.probe_all()`` (one round = what each health interval costs): against
 the real cluster (primary + 2 replicas), and against N URLs that all point to the same
 replica server (simulated replicas: N connections to one server).
@@ -47,8 +48,9 @@ def _selection(calls: int) -> dict[tuple[str, int], tuple[float, float]]:
             router = ReplicaRouter(
                 urls[0], urls, settings=RouterSettings.defaults(strategy=strategy)
             )
-            fit = _per_call_us(router._fit_replicas, calls)
-            pick = _per_call_us(lambda r=router: r._pick_reader([], None, 0), calls)
+            reads = router._reads
+            fit = _per_call_us(reads.fit_replicas, calls)
+            pick = _per_call_us(lambda r=reads: r.pick([], None, 0), calls)
             out[(strategy, n)] = (fit, pick)
             asyncio.run(router.close())
     return out
@@ -87,12 +89,12 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
     )
     for n in SIZES:
         table.rows.append(
-            ["`_fit_replicas()` us/call (simulated)", str(n)]
+            ["`fit_replicas()` us/call (simulated)", str(n)]
             + [f"{selection[(s, n)][0]:.2f}" for s in STRATEGIES]
         )
     for n in SIZES:
         table.rows.append(
-            ["`_pick_reader([])` us/call (simulated)", str(n)]
+            ["`pick([])` us/call (simulated)", str(n)]
             + [f"{selection[(s, n)][1]:.2f}" for s in STRATEGIES]
         )
     probes: list[tuple[str, int, float, float]] = []
@@ -114,7 +116,7 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
             ]
         )
     table.notes.append(
-        "Selection walks the replica list once per request (`_fit_replicas` is O(N)); with "
+        "Selection walks the replica list once per request (`fit_replicas` is O(N)); with "
         "the usual 1-8 replicas it stays a few microseconds, against about 1 ms of app CPU per "
         "request (overhead and pgpool tables). Probe rows count the primary as one more "
         "node; probing runs in the background once per `REPLICA_ROUTER_HEALTH_INTERVAL`, "
@@ -138,7 +140,7 @@ def _plot(
         )
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("replicas (simulated)")
-    axes[0].set_ylabel("us per _pick_reader call")
+    axes[0].set_ylabel("us per pick() call")
     axes[0].set_title("selection cost per request")
     axes[0].legend()
     simulated = [p for p in probes if p[0] != "real cluster"]

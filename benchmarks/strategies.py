@@ -2,7 +2,7 @@
 
 Every read calls ``bench_slow(port)``, which sleeps 5 ms only on the replica listening
 on that port (replica-1), then reads by primary key. Strategies are interleaved, each
-in a fresh uvicorn process, under ``wrk`` at 16 connections.
+in a fresh uvicorn process, under ``benchmarks._loadgen`` at 16 connections.
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import matplotlib.pyplot as plt
 
 from ._common import (
     CONCURRENCY,
+    LOAD_COLUMNS,
     AppServer,
     LoadResult,
     Table,
     http_get_json,
+    load_cells,
     log_dir,
     router_env,
     run_load,
     spread,
+    spread_bar,
 )
 
 STRATEGIES = ("round_robin", "random", "least_in_flight", "weighted")
@@ -60,16 +63,14 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
             f"Strategies with {SLOW} slowed by 5 ms per read, 2 replicas, "
             f"{CONCURRENCY} connections, {rounds} round(s) interleaved"
         ),
-        columns=["strategy", "req/s", "p50 ms", "p99 ms", "reads on the slow replica %"],
+        columns=["strategy", *LOAD_COLUMNS, "reads on the slow replica %"],
     )
     for strategy in STRATEGIES:
         rs = results[strategy]
         table.rows.append(
             [
                 strategy,
-                spread([r.rps for r in rs], 0),
-                spread([r.p50_ms for r in rs], 2),
-                spread([r.p99_ms for r in rs], 2),
+                *load_cells(rs),
                 spread(slow_share[strategy], 0),
             ]
         )
@@ -98,13 +99,12 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
 
 def _plot(results: dict[str, list[LoadResult]], png: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, attr, label in ((axes[0], "p50_ms", "p50 ms"), (axes[1], "p99_ms", "p99 ms")):
+    for ax, attr, label in ((axes[0], "p50_ms", "p50"), (axes[1], "p99_ms", "p99")):
         for i, strategy in enumerate(STRATEGIES):
-            values = [getattr(r, attr) for r in results[strategy]]
-            m = statistics.median(values)
-            ax.bar(i, m, yerr=[[m - min(values)], [max(values) - m]], capsize=4)
+            spread_bar(ax, i, [getattr(r, attr) for r in results[strategy]])
         ax.set_xticks(range(len(STRATEGIES)), list(STRATEGIES), rotation=15)
-        ax.set_title(label)
+        ax.set_title(f"{label} latency")
+        ax.set_ylabel("ms")
     fig.suptitle("Read latency per strategy, one replica 5 ms slower (median, min-max)")
     fig.tight_layout()
     fig.savefig(png, dpi=100)

@@ -16,10 +16,13 @@ Modules (private; each imports only those below it)::
 
     _router        ReplicaRouter, a facade over the parts below
     fastapi        dependencies and health routes, over callables
+    _lifecycle     started or not; what it says about its set-up; start-up checks
     _units         run_read / run_write
     _writes        writer sessions, commit outcome, the commit's WAL position
     _reads         where a read is routed: fitness, positions, fallback, waits
     _checkout      a proven connection, retries, in-flight accounting
+    _tracing       what a checkout tells a tracer; on or off, decided once
+    _otel          the spans (the only module that imports OpenTelemetry)
     _consistency   positions, tokens, the middleware
     _health        probes and lag
     _selection     strategies
@@ -32,6 +35,7 @@ Modules (private; each imports only those below it)::
 
 from ._consistency import ReadYourWritesMiddleware
 from ._exceptions import (
+    CommitNotSentError,
     CommitOutcomeUnknownError,
     ConfigurationError,
     ConsistencyTimeoutError,
@@ -40,16 +44,17 @@ from ._exceptions import (
     PrimaryUnavailableError,
     ReplicaRouterError,
     RetryExhaustedError,
+    SessionClosedError,
 )
-from ._nodes import CHECKOUT_BUCKETS, Node, NodeState, Role
-from ._retry import ErrorKind, classify
+from ._nodes import Node, NodeState, Role
+from ._retry import ErrorKind
 from ._router import ReplicaRouter
 from ._selection import LeastInFlight, RandomChoice, RoundRobin, Selector, Weighted
 from ._settings import RouterSettings
 from ._status import NodeStatus, ReadPolicyStatus, RouterStatus
 
 __all__ = [
-    "CHECKOUT_BUCKETS",
+    "CommitNotSentError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConsistencyTimeoutError",
@@ -72,8 +77,8 @@ __all__ = [
     "RouterSettings",
     "RouterStatus",
     "Selector",
+    "SessionClosedError",
     "Weighted",
-    "classify",
 ]
 
 __version__ = "0.1.0"

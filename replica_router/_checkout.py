@@ -12,6 +12,7 @@ reads from writes: callers pick the node and the sessionmaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -28,13 +29,16 @@ from tenacity import (
 )
 
 from ._nodes import Node, Role
-from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error
+from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error, refusal
 from ._settings import RouterSettings
+from ._tracing import AutoTracing, CheckoutSpan, Tracing
 
 __all__ = [
     "Checkout",
     "CheckoutFailed",
+    "NotInRecovery",
     "Skip",
+    "abort",
     "close_quietly",
     "query_value",
     "raw_connection",
@@ -44,8 +48,14 @@ T = TypeVar("T")
 
 logger = logging.getLogger("replica_router")
 
-# Checkout failures worth another attempt: the node is down or momentarily full.
-_RETRY_AT_CHECKOUT = NODE_DOWN | {ErrorKind.TOO_MANY_CONNECTIONS}
+# Checkout failures worth another attempt: the node is down or momentarily full, or
+# it refused the credentials (another node may not: never the primary again).
+_RETRY_AT_CHECKOUT = NODE_DOWN | {ErrorKind.TOO_MANY_CONNECTIONS, ErrorKind.AUTHENTICATION}
+
+# The BEGIN bound: this many times the node's moving-average round trip, with a
+# floor that an event loop busy with other requests does not reach.
+_BEGIN_FACTOR = 20.0
+_BEGIN_FLOOR = 0.25
 
 # A proof: given the session's connection, prove it (one round trip) and say how
 # the session was decided ("replica", "replica_after_check", ...).
@@ -53,17 +63,31 @@ Prove = Callable[[Node, AsyncConnection], Awaitable[str]]
 
 
 class CheckoutFailed(Exception):
-    """One checkout attempt failed in a way worth another attempt."""
+    """One checkout attempt failed in a way worth another attempt (``final``: not on
+    this node, which refused the credentials, and no other node can take it)."""
 
     def __init__(self, node: Node, error: BaseException) -> None:
         super().__init__(node.name)
         self.node = node
         self.error = error
+        refused = refusal(error)
+        self.final = refused is not None and node.role is Role.PRIMARY
+        # What happened, for the error a caller raises (no user or database name).
+        self.summary = (
+            f"refused the connection: {refused[0]}; check the user, password and "
+            "database in its URL"
+            if refused is not None
+            else f"is unreachable ({type(error).__name__})"
+        )
 
 
 class Skip(Exception):
     """Raised by a proof: the node is fine, only not for this session; its
     connection stays in the pool and the caller tries another node."""
+
+
+class NotInRecovery(Skip):
+    """The replica's server is not in recovery (any more): it was promoted."""
 
 
 class Checkout:
@@ -72,25 +96,30 @@ class Checkout:
     Args:
         settings: timeouts and retry bounds.
         on_node_down: called once a request's error marked a node down.
+
+    ``trace`` makes the sessions' spans; ``None`` when tracing is off (see ``_tracing``).
     """
 
-    __slots__ = ("_on_node_down", "_settings")
+    __slots__ = ("_on_node_down", "_settings", "trace")
 
     def __init__(self, settings: RouterSettings, on_node_down: Callable[[Node], None]) -> None:
         self._settings = settings
         self._on_node_down = on_node_down
+        self.trace: Tracing | None = AutoTracing(self)
 
     async def open(
         self,
         node: Node,
         maker: async_sessionmaker[AsyncSession],
         prove: Prove | None = None,
+        span: CheckoutSpan | None = None,
     ) -> tuple[AsyncSession, str]:
         """A session on ``node`` whose connection did a round trip, counted in flight.
 
         Args:
             prove: instead of BEGIN, e.g. read the replay position (a wait is not
                 counted as the node's latency).
+            span: told of a failed attempt.
 
         Raises:
             CheckoutFailed: the node is down or full; worth another attempt.
@@ -108,16 +137,20 @@ class Checkout:
                     decision = await prove(node, conn)
                 else:
                     # asyncio.timeout, not wait_for: no extra task per request.
-                    async with asyncio.timeout(self._settings.connect_timeout):
+                    async with asyncio.timeout(self.begin_bound(node)):
                         await node.driver.begin(await raw_connection(conn))
+                if node.role is Role.REPLICA:
+                    self._check_in_recovery(node, await raw_connection(conn))
             except Skip:
                 raise
             except BaseException as exc:
-                await _invalidate(conn, exc)
+                await _invalidate(node, conn, exc)
                 raise
         except BaseException as exc:
             state.in_flight -= 1
             await close_quietly(session)
+            if span is not None and not isinstance(exc, Skip):
+                span.failed_attempt(node, exc)
             if isinstance(exc, Exception) and not isinstance(exc, Skip):
                 kind = classify(exc, during_checkout=True)
                 if kind in _RETRY_AT_CHECKOUT:
@@ -127,6 +160,29 @@ class Checkout:
         if prove is None:
             state.observe_checkout(time.perf_counter() - started)
         return session, decision
+
+    def _check_in_recovery(self, node: Node, raw: Any) -> None:
+        """A replica whose server reported leaving recovery (a promotion) serves no
+        read, from this checkout on: PostgreSQL >= 14 reports ``in_hot_standby`` with
+        the answer to the round trip just made, so this costs nothing."""
+        if node.driver.in_hot_standby(raw) is not False:
+            return
+        state = node.state
+        if state.in_recovery is not False:
+            state.in_recovery = False
+            logger.warning("replica %s left recovery (promoted?); it serves no reads", node.name)
+            self._on_node_down(node)
+        raise NotInRecovery(node.name)
+
+    def begin_bound(self, node: Node) -> float:
+        """Seconds a proving round trip may take on ``node``: many times its usual
+        latency, at least ``_BEGIN_FLOOR``, at most ``connect_timeout``. A frozen
+        server then costs each request this bound once, not the connect timeout."""
+        latency = node.state.latency
+        cap = self._settings.connect_timeout
+        if latency is None:
+            return cap
+        return min(cap, max(_BEGIN_FLOOR, _BEGIN_FACTOR * latency))
 
     @staticmethod
     async def release(node: Node, session: AsyncSession) -> None:
@@ -138,7 +194,20 @@ class Checkout:
         """Count a failure; a node-down kind marks the node down (once, logged)."""
         state = node.state
         state.checkout_failures += 1
-        if kind in NODE_DOWN:
+        refused = refusal(exc) if kind is ErrorKind.AUTHENTICATION else None
+        if refused is not None:
+            # Retrying cannot fix a wrong password: one line per node, no traceback.
+            if state.mark_down(f"refused: {refused[0]}", refused[1]):
+                logger.warning(
+                    "%s %s refused the connection: %s; check the user, password and "
+                    "database in its URL",
+                    node.role.value,
+                    node.name,
+                    refused[1],
+                )
+                self._on_node_down(node)
+            return
+        if kind in NODE_DOWN or (kind is ErrorKind.TIMEOUT and node.role is Role.REPLICA):
             message = f"{kind.value}: {type(exc).__name__}"
             if state.mark_down(f"down: {message}", message):
                 logger.warning(
@@ -158,8 +227,8 @@ class Checkout:
         """
         try:
             return await attempt(1)
-        except CheckoutFailed:
-            if attempts <= 1:
+        except CheckoutFailed as exc:
+            if attempts <= 1 or exc.final:
                 raise
         async for retry in self._retrying(attempts - 1):
             with retry:
@@ -179,7 +248,7 @@ class Checkout:
             stop=stop_after_attempt(attempts) | stop_after_delay(self._settings.checkout_timeout),
             wait=wait,
             # Only our own marker: CancelledError and everything else go straight through.
-            retry=retry_if_exception(lambda e: isinstance(e, CheckoutFailed)),
+            retry=retry_if_exception(lambda e: isinstance(e, CheckoutFailed) and not e.final),
             reraise=True,
         )
 
@@ -200,10 +269,24 @@ async def raw_connection(conn: AsyncConnection) -> Any:
     return await conn.get_raw_connection()
 
 
-async def _invalidate(conn: AsyncConnection, exc: BaseException) -> None:
+async def abort(node: Node, conn: AsyncConnection | AsyncSession) -> None:
+    """Drop the connection under ``conn`` at once (its server may be frozen), then let
+    SQLAlchemy invalidate it; never raises."""
+    try:
+        if isinstance(conn, AsyncSession):
+            conn = await conn.connection()
+        node.driver.abort(await conn.get_raw_connection())
+        await conn.invalidate()
+    except Exception:
+        logger.debug("dropping a failed connection failed", exc_info=True)
+
+
+async def _invalidate(node: Node, conn: AsyncConnection, exc: BaseException) -> None:
     """Drop a connection that failed, and mark the rest of its pool as suspect."""
     try:
         raw = await conn.get_raw_connection()
+        with contextlib.suppress(Exception):
+            node.driver.abort(raw)  # no 2 s goodbye to a server that may be frozen
         pool = conn.sync_engine.pool
         invalidate_pool = getattr(pool, "_invalidate", None)
         if (

@@ -30,7 +30,7 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -46,6 +46,7 @@ __all__ = [
     "ReadPolicy",
     "ReadYourWritesMiddleware",
     "TokenCodec",
+    "add_middleware",
     "current_state",
     "format_lsn",
     "install_middleware",
@@ -55,7 +56,15 @@ __all__ = [
 logger = logging.getLogger("replica_router")
 
 # WAL positions as plain integers (bytes since 0/0), whatever the driver makes of pg_lsn.
-WAL_INSERT_LSN_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+# After a COMMIT, the insert position covers it; but when the last record ended at a
+# page boundary it points past the next page's header (24 bytes, 40 at a segment's
+# start), which no replica ever reports as replayed: step back over that header.
+WAL_INSERT_LSN_SQL = """
+SELECT CASE WHEN l % seg = 40 THEN l - 40 WHEN l % page = 24 THEN l - 24 ELSE l END
+FROM (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint AS l,
+             current_setting('wal_block_size')::bigint AS page,
+             pg_size_bytes(current_setting('wal_segment_size')) AS seg) AS position
+"""
 REPLAY_LSN_SQL = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint"
 
 ReadYourWrites = Literal["off", "request", "lsn"]
@@ -145,6 +154,8 @@ class ConsistencyState:
         own_lsn: the position covering this request's own commits.
         wrote: a writer committed statements during this request.
         lsn_missing: a commit's position could not be read on its connection.
+        writer_closed: the request's ``router.writer`` session was committed and
+            closed before the response (a streamed body cannot use it).
     """
 
     client_lsn: int = 0
@@ -152,6 +163,7 @@ class ConsistencyState:
     own_lsn: int = 0
     wrote: bool = False
     lsn_missing: bool = False
+    writer_closed: bool = False
 
 
 class PrimaryPosition:
@@ -236,7 +248,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class PositionSource(Protocol):
-    """What the middleware needs: settings, a token codec, a counter of bad tokens.
+    """What the middleware needs: settings, a token codec, a counter of bad tokens, and
+    where to say that it is in place and what overrides an app has.
 
     A :class:`~replica_router.ReplicaRouter` is one.
     """
@@ -249,6 +262,10 @@ class PositionSource(Protocol):
 
     def _note_rejected_token(self) -> None: ...
 
+    def _note_middleware(self) -> None: ...
+
+    def _check_overrides(self, overrides: Mapping[Any, Any]) -> None: ...
+
 
 class ReadYourWritesMiddleware:
     """Carries the client's WAL position in and out of every HTTP request.
@@ -258,6 +275,11 @@ class ReadYourWritesMiddleware:
     header and cookie with the new position. ``router.lifespan`` installs it; add
     it yourself (``app.add_middleware(ReadYourWritesMiddleware, router=router)``)
     when the lifespan does not run, e.g. under ``httpx.ASGITransport``.
+
+    Whatever the mode, it also guards streamed responses: after a request's writer
+    committed and closed its session, a response without a ``Content-Length`` (a
+    ``StreamingResponse``) starts only with its first chunk, so a body that fails
+    before it (one that uses the closed writer) is a 500, not an empty 200.
     """
 
     __slots__ = ("_app", "_cookie", "_cookie_suffix", "_header", "_router")
@@ -265,6 +287,7 @@ class ReadYourWritesMiddleware:
     def __init__(self, app: ASGIApp, router: PositionSource) -> None:
         self._app = app
         self._router = router
+        router._note_middleware()
         settings = router.settings
         self._header = settings.lsn_header.lower().encode("latin-1")
         self._cookie = settings.lsn_cookie
@@ -273,29 +296,52 @@ class ReadYourWritesMiddleware:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._router.settings.read_your_writes == "off":
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        state = ConsistencyState(client_lsn=self._client_lsn(scope))
+        router = self._router
+        overrides = getattr(scope.get("app"), "dependency_overrides", None)
+        if overrides:  # a test suite's; an empty dict in production
+            router._check_overrides(overrides)
+        positions = router.settings.read_your_writes != "off"
+        state = ConsistencyState(client_lsn=self._client_lsn(scope) if positions else 0)
         reset = _STATE.set(state)
         secure = scope.get("scheme") == "https"
+        held: Message | None = None
 
         async def send_with_position(message: Message) -> None:
-            if message["type"] == "http.response.start" and state.own_lsn:
-                token = self._router.codec.encode(state.own_lsn)
-                cookie = f"{self._cookie}={token}{self._cookie_suffix}"
-                if secure:
-                    cookie += "; Secure"
-                message = dict(message)
-                message["headers"] = [
-                    *message.get("headers", ()),
-                    (self._header, token.encode("latin-1")),
-                    (b"set-cookie", cookie.encode("latin-1")),
-                ]
+            nonlocal held
+            if message["type"] == "http.response.start":
+                if state.own_lsn:
+                    token = self._router.codec.encode(state.own_lsn)
+                    cookie = f"{self._cookie}={token}{self._cookie_suffix}"
+                    if secure:
+                        cookie += "; Secure"
+                    message = dict(message)
+                    message["headers"] = [
+                        *message.get("headers", ()),
+                        (self._header, token.encode("latin-1")),
+                        (b"set-cookie", cookie.encode("latin-1")),
+                    ]
+                if state.writer_closed and not _has_length(message):
+                    held = message  # a stream after a write: it starts with its first chunk
+                    return
+            elif held is not None:
+                start, held = held, None
+                await send(start)
             await send(message)
 
         try:
             await self._app(scope, receive, send_with_position)
+            if held is not None:
+                await send(held)
+        except Exception:
+            if held is not None:
+                # The stream failed before its first chunk: the client gets a 500 (the
+                # server logs the error), never an empty 200.
+                await send(_SERVER_ERROR_START)
+                await send(_SERVER_ERROR_BODY)
+            raise
         finally:
             _STATE.reset(reset)
 
@@ -322,12 +368,31 @@ class ReadYourWritesMiddleware:
         return best
 
 
+_SERVER_ERROR_START: Message = {
+    "type": "http.response.start",
+    "status": 500,
+    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"21")],
+}
+_SERVER_ERROR_BODY: Message = {"type": "http.response.body", "body": b"Internal Server Error"}
+
+
+def _has_length(start: Message) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in start.get("headers", ()))
+
+
+def add_middleware(app: Any, source: PositionSource) -> None:
+    """``app.add_middleware(ReadYourWritesMiddleware, router=source)`` for an app that
+    has not started, unless it has one already (tests without a lifespan)."""
+    added = getattr(app, "user_middleware", ())
+    if any(getattr(m, "cls", None) is ReadYourWritesMiddleware for m in added):
+        return
+    if getattr(app, "middleware_stack", None) is None and hasattr(app, "add_middleware"):
+        app.add_middleware(ReadYourWritesMiddleware, router=source)
+
+
 def install_middleware(app: Any, source: PositionSource) -> None:
     """Wrap a started Starlette/FastAPI app's built middleware stack in the middleware
-    (``app.add_middleware`` is refused once an app started); nothing if it is there or
-    read-your-writes is off."""
-    if source.settings.read_your_writes == "off":
-        return
+    (``app.add_middleware`` is refused once an app started); nothing if it is there."""
     added = getattr(app, "user_middleware", ())
     if any(getattr(m, "cls", None) is ReadYourWritesMiddleware for m in added):
         return

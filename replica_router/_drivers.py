@@ -59,6 +59,12 @@ class Driver(Protocol):
         connection is gone; errors with a SQLSTATE are classified by it first."""
         ...
 
+    def refused(self, error: BaseException) -> tuple[str, str] | None:
+        """For this driver's exception of a server that refused the connection
+        (authentication, authorization, no such database) but that carries no
+        SQLSTATE: the SQLSTATE (28P01, 28000, 3D000) and the server's message."""
+        ...
+
     def connect_args(
         self,
         connect_args: Mapping[str, Any],
@@ -72,8 +78,28 @@ class Driver(Protocol):
         (named prepared statements)."""
         ...
 
+    def read_timeout_args(self, seconds: float, pooler: Pooler) -> dict[str, Any]:
+        """``connect_args`` that bound every statement of a replica's connections."""
+        ...
+
     def set_read_only(self, dbapi_connection: Any) -> None:
         """``connect`` hook: every transaction on this connection begins READ ONLY."""
+        ...
+
+    def never_sent(self, error: BaseException) -> bool:
+        """Whether this driver's exception says the command was never sent (the
+        connection was already known closed or busy), so the server never saw it."""
+        ...
+
+    def in_hot_standby(self, connection: Any) -> bool | None:
+        """What the server last reported as ``in_hot_standby`` on SQLAlchemy's pooled
+        ``connection`` (PostgreSQL >= 14 reports every change; no round trip), or None
+        when it did not report it."""
+        ...
+
+    def abort(self, connection: Any) -> None:
+        """Drop SQLAlchemy's pooled ``connection`` at once, with no goodbye to the
+        server (a frozen one never answers: SQLAlchemy's own close waits 2 s)."""
         ...
 
     async def begin(self, connection: Any) -> None:
@@ -140,6 +166,9 @@ class AsyncpgDriver:
             and type(error).__module__.startswith("asyncpg")
         )
 
+    def refused(self, error: BaseException) -> tuple[str, str] | None:
+        return None  # asyncpg's errors carry the server's SQLSTATE
+
     def connect_args(
         self,
         connect_args: Mapping[str, Any],
@@ -161,6 +190,11 @@ class AsyncpgDriver:
         }
         return args
 
+    def read_timeout_args(self, seconds: float, pooler: Pooler) -> dict[str, Any]:
+        # Enforced by asyncpg on its own timer (no task per statement); it raises a
+        # builtin TimeoutError, also when the server is frozen and answers nothing.
+        return {"command_timeout": seconds}
+
     def set_read_only(self, dbapi_connection: Any) -> None:
         # The adapter's own flag: its BEGIN says READ ONLY. Set once per connection;
         # the equivalent execution option costs about 50 us per checkout.
@@ -169,6 +203,24 @@ class AsyncpgDriver:
                 "replica-router needs SQLAlchemy's asyncpg adapter (READ ONLY transactions)"
             )
         dbapi_connection.readonly = True
+
+    def never_sent(self, error: BaseException) -> bool:
+        # Raised before anything is written to the socket: "cannot switch to state 15;
+        # another operation (2) is in progress" (a session the server already ended),
+        # and "connection is closed".
+        name = type(error).__name__
+        text = str(error)
+        return type(error).__module__.startswith("asyncpg") and (
+            (name == "InternalClientError" and "cannot switch to state" in text)
+            or (name == "InterfaceError" and "connection is closed" in text)
+        )
+
+    def in_hot_standby(self, connection: Any) -> bool | None:
+        value = getattr(connection.driver_connection.get_settings(), "in_hot_standby", None)
+        return None if value is None else value == "on"
+
+    def abort(self, connection: Any) -> None:
+        connection.driver_connection.terminate()
 
     async def begin(self, connection: Any) -> None:
         dbapi_connection = connection.dbapi_connection

@@ -10,14 +10,20 @@ The tree::
     │   │                                 and the primary may not serve reads
     │   └── PrimaryUnavailableError   the writer could not reach the primary
     ├── RetryExhaustedError           bounded retries ran out; keeps the last error
-    └── CommitOutcomeUnknownError     the connection was lost during COMMIT
+    ├── CommitOutcomeUnknownError     the connection was lost during COMMIT
+    ├── CommitNotSentError            COMMIT never left the client: nothing committed
+    └── SessionClosedError (also SQLAlchemy's InvalidRequestError)
+                                      a dependency's session used after its request
 
 Messages never contain a password: nodes are named, URLs are rendered masked.
 """
 
 from __future__ import annotations
 
+from sqlalchemy.exc import InvalidRequestError
+
 __all__ = [
+    "CommitNotSentError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConsistencyTimeoutError",
@@ -26,6 +32,7 @@ __all__ = [
     "PrimaryUnavailableError",
     "ReplicaRouterError",
     "RetryExhaustedError",
+    "SessionClosedError",
 ]
 
 
@@ -81,4 +88,23 @@ class CommitOutcomeUnknownError(ReplicaRouterError):
 
     The transaction may or may not have committed on the primary. It is never
     retried automatically: the caller must check, or make the write idempotent.
+    """
+
+
+class SessionClosedError(ReplicaRouterError, InvalidRequestError):
+    """A session from ``router.writer`` or ``router.reader`` was used after it was closed.
+
+    The writer's session closes (committed) before the response is sent, so a
+    ``StreamingResponse`` body or a ``BackgroundTasks`` job that runs later needs a
+    session of its own: ``async with router.writer_session() as db``. The message says
+    which to use. It is also SQLAlchemy's ``InvalidRequestError``, which a closed
+    session raises otherwise.
+    """
+
+
+class CommitNotSentError(ReplicaRouterError):
+    """COMMIT never reached the server (the driver refused to send it on a connection
+    it knew was broken): the transaction was certainly not committed.
+
+    Safe to retry; ``run_write`` does, and a writer route answers 503 with Retry-After.
     """

@@ -36,7 +36,10 @@ _PROBE_SQL = """
 SELECT pg_is_in_recovery(),
        pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
                             ELSE pg_current_wal_lsn() END, '0/0')::bigint,
-       current_setting('server_version')
+       current_setting('server_version'),
+       pg_wal_lsn_diff(pg_last_wal_receive_lsn(), '0/0')::bigint,
+       pg_postmaster_start_time()::text,
+       coalesce(host(inet_server_addr()), 'local') || ':' || coalesce(inet_server_port(), 0)
 """
 # A replica must be this many times slower than the median of its peers (and
 # slower than the floor) to count as an outlier.
@@ -52,6 +55,12 @@ class ProbeResult:
     lsn: int | None
     server_version: str
     latency: float
+    # A replica's WAL received (None on a primary, or before streaming started).
+    receive_lsn: int | None = None
+    # When the server started: a new value means it restarted.
+    started: str | None = None
+    # Which server answered (address:port): a primary URL over several hosts moves.
+    server: str | None = None
 
 
 class _PrimaryHistory:
@@ -63,6 +72,12 @@ class _PrimaryHistory:
         self._lsns: deque[int] = deque()
         self._times: deque[float] = deque()
         self._limit = limit
+
+    def clear(self) -> None:
+        """Forget every position: the primary's WAL is another now (it restarted and
+        lost its unflushed tail, or another server is the primary)."""
+        self._lsns.clear()
+        self._times.clear()
 
     def add(self, lsn: int, at: float) -> None:
         if self._lsns and lsn <= self._lsns[-1]:
@@ -77,9 +92,12 @@ class _PrimaryHistory:
     def newest(self) -> int | None:
         return self._lsns[-1] if self._lsns else None
 
-    def lag(self, replay_lsn: int, now: float) -> tuple[int, float]:
-        """Bytes and seconds a replica at ``replay_lsn`` is behind."""
+    def lag(self, replay_lsn: int, now: float, upto: int | None = None) -> tuple[int, float]:
+        """Bytes and seconds a replica at ``replay_lsn`` is behind the newest position,
+        or behind ``upto`` if that is older (WAL that no replica can have yet)."""
         newest = self.newest
+        if newest is not None and upto is not None:
+            newest = min(newest, upto)
         if newest is None or replay_lsn >= newest:
             return 0, 0.0
         # The first position the replica lacks was on the primary since this time.
@@ -153,6 +171,9 @@ class HealthChecker:
         "_connections",
         "_history",
         "_on_primary_demoted",
+        "_primary_live",
+        "_primary_server",
+        "_primary_started",
         "_settings",
         "_stopping",
         "_tasks",
@@ -174,6 +195,11 @@ class HealthChecker:
         self._connect_args = dict(connect_args or {})
         self._connections: dict[str, ProbeConnection] = {}
         self._history = _PrimaryHistory()
+        self._primary_started: str | None = None
+        self._primary_server: str | None = None
+        # The last probe of the primary succeeded and no request found it down since:
+        # replica lag is measured against its WAL (else against what replicas received).
+        self._primary_live = False
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.probes = 0
@@ -191,6 +217,8 @@ class HealthChecker:
         """A request marked ``node`` down: recompute which replicas are fit."""
         if node.role is Role.REPLICA:
             update_eligibility(self._topology.replicas, self._settings)
+        else:
+            self._primary_live = False
 
     def observe_primary_lsn(self, lsn: int) -> None:
         """A primary WAL position seen outside the probes (after a writer's COMMIT)."""
@@ -263,12 +291,15 @@ class HealthChecker:
         started = time.perf_counter()
         row = await conn.fetch_row(_PROBE_SQL)
         latency = time.perf_counter() - started
-        lsn = row[1]
+        lsn, received = row[1], row[3]
         return ProbeResult(
             in_recovery=bool(row[0]),
             lsn=int(lsn) if lsn is not None else None,
             server_version=str(row[2]),
             latency=latency,
+            receive_lsn=int(received) if received is not None else None,
+            started=str(row[4]),
+            server=str(row[5]),
         )
 
     def _drop_connection(self, node: Node) -> None:
@@ -278,6 +309,8 @@ class HealthChecker:
 
     def _failed(self, node: Node, exc: BaseException) -> None:
         state = node.state
+        if node.role is Role.PRIMARY:
+            self._primary_live = False
         message = describe(exc)
         if state.mark_down(f"down: {message}", message):
             logger.warning("%s %s is down: %s", node.role.value, node.name, message)
@@ -298,13 +331,33 @@ class HealthChecker:
                 self._on_primary_demoted("the health probe found it in recovery")
         state.in_recovery = result.in_recovery
         if node.role is Role.PRIMARY:
+            if not result.in_recovery and self._primary_server not in (None, result.server):
+                # However it was noticed (25006, a probe, a reconnect), this is when the
+                # writable host changed: counted once, here.
+                state.failovers += 1
+                logger.warning(
+                    "failover: primary %s is now %s (was %s)",
+                    node.name,
+                    result.server,
+                    self._primary_server,
+                )
+            if not result.in_recovery:
+                self._primary_server = result.server
+            if self._primary_started not in (None, result.started):
+                # A crash loses the WAL it had not written out: positions seen before
+                # would make every replica look behind until new WAL passed them.
+                logger.info("primary %s restarted; its WAL history starts anew", node.name)
+                self._history.clear()
+            self._primary_started = result.started
             if result.lsn is not None and not result.in_recovery:
                 self._history.add(result.lsn, now)
+            self._primary_live = not result.in_recovery and generation == state.generation
             state.lag_bytes, state.lag_seconds = 0, 0.0
         elif result.lsn is not None:
             state.replay_lsn = result.lsn
+            state.receive_lsn = result.receive_lsn
             state.replay_checked_at = now
-            state.lag_bytes, state.lag_seconds = self._history.lag(result.lsn, now)
+            self._measure_lag(node, now)
         # A probe that began before a passive ejection proves nothing about now.
         if not state.up and generation == state.generation:
             state.good_probes += 1
@@ -319,6 +372,39 @@ class HealthChecker:
             state.reason = "down"
         else:
             state.reason = None if result.in_recovery is False else "in recovery: not writable"
+
+    def _measure_lag(self, replica: Node, now: float) -> None:
+        """A replica's lag: behind the primary while it is up; while it is down, behind
+        what the replicas received, which is all they could have.
+
+        A dead or frozen primary never sends the WAL it had last: measured against it,
+        every replica would look further behind each second, and reads would fall back
+        to the very primary that is gone. A replica counts as caught up then only if it
+        was within the bounds when the primary was last seen up.
+        """
+        state = replica.state
+        assert state.replay_lsn is not None
+        primary = self._topology.primary.state
+        settings = self._settings
+        if self._primary_live:
+            state.lag_bytes, state.lag_seconds = self._history.lag(state.replay_lsn, now)
+            if (
+                state.lag_seconds <= settings.max_lag_seconds
+                and state.lag_bytes <= settings.max_lag_bytes
+            ):
+                state.caught_up_at = now
+            return
+        received = [
+            max(s.receive_lsn or 0, s.replay_lsn or 0)
+            for s in (n.state for n in self._topology.replicas)
+            if s.up and s.in_recovery and s.replay_lsn is not None
+        ]
+        upto = max(received, default=state.replay_lsn)
+        state.lag_bytes, state.lag_seconds = self._history.lag(state.replay_lsn, now, upto)
+        # How long before the primary went away this replica was last fit (if ever).
+        gone = primary.down_since if primary.down_since is not None else now
+        stale = gone - (state.caught_up_at or float("-inf"))
+        state.lag_seconds = max(state.lag_seconds, stale)
 
 
 def describe(exc: BaseException) -> str:

@@ -69,7 +69,10 @@ class NodeState:
     lag_seconds: float | None = None
     lag_bytes: int | None = None
     replay_lsn: int | None = None
+    receive_lsn: int | None = None
     replay_checked_at: float = 0.0
+    # When a probe last found this replica within the lag bounds of a live primary.
+    caught_up_at: float | None = None
     server_version: str | None = None
     in_flight: int = 0
     latency: float | None = None  # moving average of checkout round trips, seconds
@@ -207,13 +210,17 @@ def build_node(
             pool_size=s.pool_size, max_overflow=s.max_overflow, pool_timeout=s.pool_timeout
         )
     options.update(engine_options, poolclass=poolclass)
+    connect_args = dict(options.get("connect_args", {}))
+    if role is Role.REPLICA and s.read_timeout is not None:
+        connect_args = {**driver.read_timeout_args(s.read_timeout, s.pooler), **connect_args}
     options["connect_args"] = driver.connect_args(
-        options.get("connect_args", {}),
+        connect_args,
         timeout=s.connect_timeout,
         application_name="replica-router",
         pooler=s.pooler,
     )
     engine = create_async_engine(url, **options)
+    event.listen(engine.sync_engine, "handle_error", _timeout_hook(driver))
     if role is Role.REPLICA:
         # A replica that turns out to be writable must still refuse writes: every
         # transaction is READ ONLY, set once per connection.
@@ -245,6 +252,21 @@ def read_only_hook(driver: Driver) -> Any:
 
         hook = _READ_ONLY_HOOKS[driver.name] = read_only_connection
     return hook
+
+
+def _timeout_hook(driver: Driver) -> Any:
+    """``handle_error``: a statement cut by the driver's timer (a server that may be
+    frozen) drops its connection at once; SQLAlchemy would otherwise wait 2 s for a
+    goodbye that a frozen server never answers before the error reaches anyone."""
+
+    def abort_on_timeout(context: Any) -> None:
+        if isinstance(context.original_exception, TimeoutError) and context.connection:
+            try:
+                driver.abort(context.connection.connection)
+            except Exception:
+                logger.debug("dropping a timed-out connection failed", exc_info=True)
+
+    return abort_on_timeout
 
 
 async def dispose_node(node: Node, seconds: float) -> None:

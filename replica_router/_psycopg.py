@@ -10,6 +10,8 @@ psycopg is imported only when a psycopg node is used (the ``psycopg`` extra).
 * A value outside a transaction (the WAL position after COMMIT, replay waits):
   autocommit is switched on for that one statement (no round trip while idle), so
   psycopg sends no BEGIN/ROLLBACK around it.
+* ``READ_TIMEOUT``: the server's ``statement_timeout`` (psycopg has no client-side
+  bound per statement, so a frozen server is not cut; the BEGIN bound still is).
 * Behind a transaction-mode pooler: ``prepare_threshold=None`` (no server-side
   prepared statements).
 """
@@ -26,6 +28,16 @@ from sqlalchemy.engine import URL
 from ._exceptions import ConfigurationError
 
 __all__ = ["PsycopgDriver"]
+
+# The server's messages for the connections it refuses, and their SQLSTATEs.
+_REFUSALS = (
+    ("28P01", ("password authentication failed",)),
+    ("28000", ("is not permitted to log in",)),
+    ("28000", ("no pg_hba.conf entry",)),
+    ("28000", ("pg_hba.conf rejects",)),
+    ("28000", ("role", "does not exist")),
+    ("3D000", ("database", "does not exist")),
+)
 
 
 class _PsycopgProbe:
@@ -66,6 +78,18 @@ class PsycopgDriver:
             and getattr(error, "sqlstate", None) is None
         )
 
+    def refused(self, error: BaseException) -> tuple[str, str] | None:
+        # libpq reports a connection the server refused without a SQLSTATE, only the
+        # server's FATAL message (in the server's lc_messages; English by default).
+        if not self.lost_connection(error):
+            return None
+        _, fatal, message = str(error).partition("FATAL:")
+        message = message.strip().splitlines()[0] if fatal and message.strip() else ""
+        for state, words in _REFUSALS:
+            if all(word in message for word in words):
+                return state, message
+        return None
+
     def connect_args(
         self,
         connect_args: Mapping[str, Any],
@@ -82,6 +106,13 @@ class PsycopgDriver:
             args.setdefault("prepare_threshold", None)
         return args
 
+    def read_timeout_args(self, seconds: float, pooler: str) -> dict[str, Any]:
+        # psycopg has no client-side statement bound: the server's statement_timeout
+        # cuts a slow query (57014), but a frozen server answers nothing at all.
+        if pooler == "transaction":
+            return {}  # poolers refuse (or drop) the options startup parameter
+        return {"options": f"-c statement_timeout={max(1, round(seconds * 1000))}"}
+
     def set_read_only(self, dbapi_connection: Any) -> None:
         set_read_only = getattr(dbapi_connection, "set_read_only", None)
         if set_read_only is None:
@@ -89,6 +120,21 @@ class PsycopgDriver:
                 "replica-router needs SQLAlchemy's psycopg adapter (READ ONLY transactions)"
             )
         set_read_only(True)  # no round trip: psycopg adds READ ONLY to its BEGIN
+
+    def never_sent(self, error: BaseException) -> bool:
+        # psycopg checks the connection before sending: "the connection is closed".
+        return (
+            type(error).__module__.startswith("psycopg")
+            and type(error).__name__ == "OperationalError"
+            and str(error).startswith("the connection is closed")
+        )
+
+    def in_hot_standby(self, connection: Any) -> bool | None:
+        value = connection.driver_connection.info.parameter_status("in_hot_standby")
+        return None if value is None else value in ("on", b"on")
+
+    def abort(self, connection: Any) -> None:
+        connection.driver_connection.pgconn.finish()  # closes the socket, no waiting
 
     async def begin(self, connection: Any) -> None:
         conn = connection.driver_connection

@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ._checkout import Checkout, CheckoutFailed, Prove, Skip, raw_connection
+from ._checkout import Checkout, CheckoutFailed, Prove, Skip, abort, raw_connection
 from ._consistency import (
     REPLAY_LSN_SQL,
     ConsistencyState,
@@ -34,10 +34,11 @@ from ._consistency import (
 )
 from ._exceptions import ConfigurationError, ConsistencyTimeoutError, NoHealthyReplicaError
 from ._nodes import Node, Role, Topology
-from ._retry import NODE_DOWN, classify
+from ._retry import EJECTS_REPLICA, classify
 from ._selection import Selector
 from ._settings import RouterSettings
 from ._status import ReadPolicyStatus
+from ._tracing import CheckoutSpan
 
 __all__ = ["Reads"]
 
@@ -147,13 +148,18 @@ class Reads:
         return policy
 
     def policy_status(self) -> tuple[ReadPolicyStatus, ...]:
-        """Every policy used so far, with how often each decision was taken."""
+        """Every policy used so far, with how often each decision was taken and the
+        lag bounds in force (a route's own ``max_lag_seconds`` replaces both)."""
+        s = self._settings
         return tuple(
             ReadPolicyStatus(
                 name=p.name,
                 read_your_writes=p.read_your_writes,
-                max_lag_seconds=p.max_lag_seconds,
+                max_lag_seconds=(
+                    s.max_lag_seconds if p.max_lag_seconds is None else p.max_lag_seconds
+                ),
                 decisions=dict(p.decisions),
+                max_lag_bytes=s.max_lag_bytes if p.max_lag_seconds is None else None,
             )
             for p in self.policies.values()
         )
@@ -190,7 +196,12 @@ class Reads:
 
         ``tried`` collects the nodes attempted (``run_read`` moves on from them).
         """
-        session, node = await self._checkout_reader(tried, policy, state)
+        trace = self._checkout.trace
+        if trace is None:
+            session, node = await self._checkout_reader(tried, policy, state)
+        else:
+            with trace.reader(policy, self._topology) as span:
+                session, node = await self._checkout_reader(tried, policy, state, span)
         node.state.sessions += 1
         fallback = self._is_fallback(node)
         try:
@@ -198,8 +209,11 @@ class Reads:
         except BaseException as exc:
             if node.role is Role.REPLICA and isinstance(exc, Exception):
                 kind = classify(exc)
-                if kind in NODE_DOWN:
+                if kind in EJECTS_REPLICA:
+                    # Lost, or hung past READ_TIMEOUT: no more reads there until probes
+                    # readmit it, and this connection is dropped, not rolled back.
                     self._checkout.note_failure(node, exc, kind)
+                    await abort(node, session)
             raise
         finally:
             if fallback:
@@ -207,7 +221,11 @@ class Reads:
             await self._checkout.release(node, session)  # a reader holds nothing else
 
     async def _checkout_reader(
-        self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
+        self,
+        tried: list[Node],
+        policy: ReadPolicy,
+        state: ConsistencyState | None,
+        span: CheckoutSpan | None = None,
     ) -> tuple[AsyncSession, Node]:
         need = 0
         to_primary: str | None = None
@@ -239,20 +257,25 @@ class Reads:
                     session, decision = await self._checkout.open(
                         node,
                         node.reader_sessionmaker,
-                        None if check is _Check.NO else self._replay_check(need, check),
+                        None if check is _Check.NO else self._replay_check(need, check, span),
+                        span,
                     )
                 except BaseException as exc:
                     if fallback:
                         self.fallback_in_flight -= 1
-                    if not isinstance(exc, _Behind):
+                    if not isinstance(exc, Skip):
                         raise
-                    # Fit, only behind: skipped for this read (it stays in ``tried``).
-                    if check is _Check.WAIT:
+                    if span is not None:
+                        span.failed_attempt(node, None)
+                    # Behind, or promoted: skipped for this read (it stays in ``tried``).
+                    if check is _Check.WAIT and isinstance(exc, _Behind):
                         to_primary = "primary_behind"
                     continue
                 if node is topology.primary:
                     decision = to_primary or "primary_fallback"
                 policy.decisions[decision] += 1
+                if span is not None:
+                    span.chosen(node, decision)
                 return session, node
 
         try:
@@ -278,12 +301,8 @@ class Reads:
         slow: list[Node] = []
         for node in self._topology.replicas:
             state = node.state
-            if not state.up:
-                # Without probes nobody would readmit it: retry after one interval.
-                if self._probing() or state.down_since is None:
-                    continue
-                if time.monotonic() - state.down_since < self._settings.health_interval:
-                    continue
+            if not self._usable(node):
+                continue
             if state.in_recovery is False:
                 continue
             if max_lag is None:
@@ -293,6 +312,15 @@ class Reads:
                 continue
             (slow if state.slow else fit).append(node)
         return fit or slow
+
+    def _usable(self, node: Node) -> bool:
+        """Up, or down without probes to readmit it for over an interval (worth a try)."""
+        state = node.state
+        if state.up:
+            return True
+        if self._probing() or state.down_since is None:
+            return False
+        return time.monotonic() - state.down_since >= self._settings.health_interval
 
     def pick(self, tried: Sequence[Node], max_lag: float | None, need: int) -> tuple[Node, _Check]:
         """The node for the next read attempt, and how its position must be checked.
@@ -336,7 +364,8 @@ class Reads:
             raise NoHealthyReplicaError(
                 f"{why} and fallback to the primary is off", retry_after=settings.health_interval
             )
-        if primary in tried:
+        if primary in tried or not self._usable(primary):
+            # Known down: refused at once, not after a BEGIN that cannot be answered.
             raise NoHealthyReplicaError(
                 f"{why} and the primary is unreachable", retry_after=settings.health_interval
             )
@@ -368,6 +397,10 @@ class Reads:
     async def _verify_client_lsn(self, state: ConsistencyState, policy: ReadPolicy) -> None:
         """Check the client's claimed position once: beyond the primary's, it is dropped."""
         state.verified = True
+        if not self._usable(self._topology.primary):
+            # Not checkable while the primary is away: the position is still honoured
+            # (replicas that replayed it serve; else a bounded wait, then a 503).
+            return
         if state.client_lsn > self._position.known():
             current = await self._position.current()
             if current is None or state.client_lsn > current:
@@ -376,17 +409,22 @@ class Reads:
                 state.client_lsn = 0
                 policy.decisions["token_ignored"] += 1
 
-    def _replay_check(self, need: int, check: _Check) -> Prove:
+    def _replay_check(self, need: int, check: _Check, span: CheckoutSpan | None = None) -> Prove:
         async def prove(node: Node, conn: AsyncConnection) -> str:
             # Reading the position proves the connection: BEGIN can stay lazy.
-            return await self._await_replay(node, conn, need, check is _Check.WAIT)
+            started = time.perf_counter()
+            try:
+                return await self._await_replay(node, conn, need, check is _Check.WAIT)
+            finally:
+                if span is not None:
+                    span.replay_checked(node, time.perf_counter() - started)
 
         return prove
 
     async def _await_replay(self, node: Node, conn: AsyncConnection, need: int, wait: bool) -> str:
         """Re-read the replica's replay position until it reaches ``need`` or time is up."""
         driver_connection = (await raw_connection(conn)).driver_connection
-        timeout = self._settings.connect_timeout
+        timeout = self._checkout.begin_bound(node)
         state = node.state
         deadline = time.monotonic() + (self._settings.consistency_wait if wait else 0.0)
         pause = 0.002

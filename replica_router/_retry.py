@@ -10,12 +10,18 @@ CONNECTION                  08xxx, OSError,    node is down: a reader ejects a r
 SHUTDOWN                    57P01, 57P02       as CONNECTION (admin or crash shutdown)
 CANNOT_CONNECT_NOW          57P03              as CONNECTION (starting up, in recovery)
 TOO_MANY_CONNECTIONS        53300              retry after backoff; the node stays up
+AUTHENTICATION              28P01, 28000,      the node refuses these credentials or this
+                            3D000              database: marked down, logged once; a reader
+                                               moves on, the writer is not retried
 READ_ONLY                   25006              on the writer: the primary became a replica
                                                (failover); retried at checkout only
 RECOVERY_CONFLICT           40001 on replica   whole read re-run on another node
 SERIALIZATION               40001 on primary   whole transaction re-run (run_write)
 DEADLOCK                    40P01              whole transaction re-run (run_write)
 STATEMENT_TIMEOUT           57014              never retried
+TIMEOUT                     client-side, out   a reader ejects the replica (it may hang) and
+                            of a checkout      run_read re-runs elsewhere; never retried on
+                                               the writer (during COMMIT: outcome unknown)
 OTHER                       anything else      never retried
 ==========================  =================  ============================================
 
@@ -29,7 +35,16 @@ import enum
 
 from ._drivers import DRIVERS
 
-__all__ = ["ErrorKind", "classify", "is_connection_error", "sqlstate_of"]
+__all__ = [
+    "EJECTS_REPLICA",
+    "NODE_DOWN",
+    "ErrorKind",
+    "classify",
+    "is_connection_error",
+    "never_sent",
+    "refusal",
+    "sqlstate_of",
+]
 
 
 class ErrorKind(enum.Enum):
@@ -39,10 +54,12 @@ class ErrorKind(enum.Enum):
     SHUTDOWN = "shutdown"
     CANNOT_CONNECT_NOW = "cannot_connect_now"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    AUTHENTICATION = "authentication"
     READ_ONLY = "read_only"
     SERIALIZATION = "serialization"
     DEADLOCK = "deadlock"
     STATEMENT_TIMEOUT = "statement_timeout"
+    TIMEOUT = "timeout"
     OTHER = "other"
 
 
@@ -51,6 +68,9 @@ _BY_SQLSTATE = {
     "57P02": ErrorKind.SHUTDOWN,
     "57P03": ErrorKind.CANNOT_CONNECT_NOW,
     "53300": ErrorKind.TOO_MANY_CONNECTIONS,
+    "28P01": ErrorKind.AUTHENTICATION,  # invalid_password
+    "28000": ErrorKind.AUTHENTICATION,  # invalid_authorization_specification (pg_hba, NOLOGIN)
+    "3D000": ErrorKind.AUTHENTICATION,  # invalid_catalog_name: no such database
     "25006": ErrorKind.READ_ONLY,
     "40001": ErrorKind.SERIALIZATION,
     "40P01": ErrorKind.DEADLOCK,
@@ -61,6 +81,8 @@ _DRIVERS = tuple(DRIVERS.values())
 
 # Kinds after which the node cannot be used: eject a replica, reconnect to the primary.
 NODE_DOWN = frozenset({ErrorKind.CONNECTION, ErrorKind.SHUTDOWN, ErrorKind.CANNOT_CONNECT_NOW})
+# Kinds after which a replica is ejected at once: it is down, or may hang.
+EJECTS_REPLICA = NODE_DOWN | {ErrorKind.TIMEOUT}
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -101,12 +123,16 @@ def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
             return ErrorKind.CONNECTION
         if state in _BY_SQLSTATE:
             return _BY_SQLSTATE[state]
+    elif _refused(exc) is not None:
+        return ErrorKind.AUTHENTICATION
+    timed_out = False
     for item in _chain(exc):
         if getattr(item, "connection_invalidated", False):
             return ErrorKind.CONNECTION
         if isinstance(item, TimeoutError):
             if during_checkout:
                 return ErrorKind.CONNECTION
+            timed_out = True  # a driver's statement bound (asyncpg's command_timeout)
             continue
         if isinstance(item, OSError):
             return ErrorKind.CONNECTION
@@ -114,11 +140,55 @@ def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
             return ErrorKind.CONNECTION
     if state is None and during_checkout and _is_interface_error(exc):
         return ErrorKind.CONNECTION
-    return ErrorKind.OTHER
+    return ErrorKind.TIMEOUT if timed_out else ErrorKind.OTHER
+
+
+# What a refusal means, for messages that may reach a client (no user or database name).
+_REFUSED = {
+    "28P01": "password authentication failed",
+    "28000": "the role may not connect (NOLOGIN, or no pg_hba.conf entry)",
+    "3D000": "the database does not exist",
+}
+
+
+def _refused(exc: BaseException) -> tuple[str, str] | None:
+    """The SQLSTATE and the server's message of a refused connection, or None.
+
+    asyncpg reports the SQLSTATE; libpq (psycopg) only the server's message, which its
+    driver reads.
+    """
+    for item in _chain(exc):
+        state = getattr(item, "sqlstate", None)
+        if isinstance(state, str) and state in _REFUSED:
+            text = str(item).splitlines()[0] if str(item) else ""
+            # SQLAlchemy's asyncpg adapter prefixes "<class '...Error'>: ".
+            return state, text.rpartition("'>: ")[2].strip()
+        for driver in _DRIVERS:
+            found = driver.refused(item)
+            if found is not None:
+                return found
+    return None
+
+
+def refusal(exc: BaseException) -> tuple[str, str] | None:
+    """For a server that refused the connection (28P01, 28000, 3D000): a short reason
+    without names, for error messages, and the server's own message, for the log; both
+    end with the SQLSTATE."""
+    found = _refused(exc)
+    if found is None:
+        return None
+    state, message = found
+    return f"{_REFUSED[state]} ({state})", f"{message or _REFUSED[state]} ({state})"
 
 
 def _is_interface_error(exc: BaseException) -> bool:
     return any(type(item).__name__ == "InterfaceError" for item in _chain(exc))
+
+
+def never_sent(exc: BaseException) -> bool:
+    """The driver refused to send the command at all (the connection was known
+    broken): the server never saw it."""
+    return any(driver.never_sent(item) for item in _chain(exc) for driver in _DRIVERS)
 
 
 def is_connection_error(exc: BaseException, *, during_checkout: bool = False) -> bool:

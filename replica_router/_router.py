@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import TracebackType
+from functools import partial
 from typing import Any, Self, TypeVar
 
 from fastapi import APIRouter, FastAPI
@@ -19,11 +19,13 @@ from ._consistency import (
     PrimaryPosition,
     ReadYourWrites,
     TokenCodec,
+    add_middleware,
     current_state,
     install_middleware,
 )
-from ._exceptions import ConfigurationError
+from ._exceptions import ReplicaRouterError
 from ._health import HealthChecker
+from ._lifecycle import Lifecycle, primary_url_of
 from ._nodes import Node, build_topology, dispose_node
 from ._reads import Reads
 from ._selection import make_selector
@@ -42,26 +44,13 @@ class ReplicaRouter:
     """Read/write splitting over one primary and any number of streaming replicas.
 
     Args:
-        primary_url: the primary (``postgresql+asyncpg://``; ``postgresql://`` and
-            ``postgres://`` mean asyncpg too). May list several hosts with
-            ``?host=h1:5432&host=h2:5432&target_session_attrs=read-write``.
-        replica_urls: the replicas; ``replica_name`` and ``replica_weight`` query
-            parameters name and weigh one.
-        settings: tuning; defaults when omitted (the environment is read only by
-            :meth:`from_env`).
-        engine_options: passed to every node's ``create_async_engine`` (pool sizing,
-            ``connect_args``, ``pool_recycle``, ``poolclass``, JSON serializers, ...);
-            they win over the settings.
-        session_options: passed to every node's ``async_sessionmaker`` (``class_``,
-            ``autoflush``, ``info``, ...).
-
-    Example::
-
-        router = ReplicaRouter.from_env()
-        app = FastAPI(lifespan=router.lifespan)
-
-        @app.get("/notes/{note_id}")
-        async def read(note_id: int, db: AsyncSession = Depends(router.reader)): ...
+        primary_url: the primary (``postgresql+asyncpg://``, ``postgresql://``,
+            ``postgresql+psycopg://``); several hosts as ``?host=h1:5432&host=h2:5432``.
+        replica_urls: the replicas (``?replica_name=...&replica_weight=...``).
+        settings: tuning; defaults when omitted (only :meth:`from_env` reads the environment).
+        engine_options: for every node's ``create_async_engine`` (pool sizing,
+            ``connect_args``, ``poolclass``, ...); they win over the settings.
+        session_options: for every node's ``async_sessionmaker`` (``class_``, ``info``, ...).
     """
 
     __slots__ = (
@@ -69,9 +58,9 @@ class ReplicaRouter:
         "_checkout",
         "_codec",
         "_health",
+        "_lifecycle",
         "_reader_dependencies",
         "_reads",
-        "_started",
         "_topology",
         "_writes",
         "reader",
@@ -121,8 +110,8 @@ class ReplicaRouter:
             + engine_options.get("max_overflow", s.max_overflow),
         )
         self._writes = Writes(topology, s, self._checkout, position)
-        self._started = False
-        self._reader_dependencies: dict[object, _fastapi.ReaderDependency] = {}
+        self._lifecycle = Lifecycle()
+        self._reader_dependencies: dict[tuple[Any, Any], _fastapi.ReaderDependency] = {}
         self.writer, self.reader = _fastapi.make_dependencies(
             self.writer_session, self.reader_session
         )
@@ -142,18 +131,16 @@ class ReplicaRouter:
             ConfigurationError: a variable is missing or malformed; the message names it.
         """
         settings = RouterSettings(_env_prefix=env_prefix, _env_file=env_file)
-        if settings.primary_url is None:
-            raise ConfigurationError(
-                f"{env_prefix}PRIMARY_URL is not set; expected the primary's URL, "
-                "like postgresql+asyncpg://user:password@host:5432/database"
-            )
-        return cls(
-            settings.primary_url,
+        router = cls(
+            primary_url_of(settings, env_prefix),
             settings.replica_urls,
             settings=settings,
             engine_options=engine_options,
             session_options=session_options,
         )
+        if "replica_urls" not in settings.model_fields_set:  # unset, not set empty
+            router._lifecycle.replicas_unset = f"{env_prefix}REPLICA_URLS"
+        return router
 
     # -- nodes -------------------------------------------------------------------------
 
@@ -175,16 +162,26 @@ class ReplicaRouter:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Probe every node once and start the background health checks."""
-        if self._started:
+        """Probe every node once and start the background health checks.
+
+        Raises:
+            ReplicaRouterError: a node ``require_at_start`` names failed (see its error).
+        """
+        life = self._lifecycle
+        if life.started:
             return
-        self._started = True
+        try:
+            await life.start(self._topology, self.settings)
+        except ReplicaRouterError:
+            await self.close()
+            raise
         await self._health.start()
+        life.started = True  # after the first probes: /live never sees it half started
 
     async def close(self) -> None:
         """Stop health checks and dispose every engine, each within ``dispose_timeout``."""
-        if self._started:
-            self._started = False
+        if self._lifecycle.started:
+            self._lifecycle.started = False
             await self._health.stop()
         timeout = self.settings.dispose_timeout
         await asyncio.gather(*(dispose_node(node, timeout) for node in self.nodes))
@@ -195,29 +192,33 @@ class ReplicaRouter:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        """FastAPI lifespan: ``FastAPI(lifespan=router.lifespan)``.
-
-        Also puts :class:`ReadYourWritesMiddleware` around the app (unless it was
-        added already), so positions travel with clients.
-        """
+        """FastAPI lifespan: ``FastAPI(lifespan=router.lifespan)``; also puts
+        :class:`ReadYourWritesMiddleware` around the app (unless it is there)."""
         self.install_middleware(app)
         async with self:
             yield
 
     def install_middleware(self, app: Any) -> None:
         """Wrap a started app in :class:`ReadYourWritesMiddleware` (the lifespan does;
-        nothing if it is there already or read-your-writes is off)."""
+        nothing if it is there already)."""
         install_middleware(app, self)
+
+    def override_for_tests(self, app: FastAPI, replacement: ReplicaRouter) -> None:
+        """Serve this router's dependencies in ``app`` from ``replacement``, a started
+        router over the test database: ``writer`` (which still commits before the
+        response), ``reader`` and every ``reader_with(...)``. Adds the middleware if the
+        app has not started (``httpx.ASGITransport`` runs no lifespan). Undo with
+        ``app.dependency_overrides.clear()``."""
+        overrides = app.dependency_overrides
+        overrides.update({self.writer: replacement.writer, self.reader: replacement.reader})
+        for (mode, lag), dep in self._reader_dependencies.items():
+            overrides[dep] = replacement.reader_with(read_your_writes=mode, max_lag_seconds=lag)
+        add_middleware(app, self)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -228,22 +229,19 @@ class ReplicaRouter:
         read_your_writes: ReadYourWrites | None = None,
         max_lag_seconds: float | None = None,
     ) -> AbstractAsyncContextManager[AsyncSession]:
-        """A read-only session on a fit replica (or the primary, see fallback).
-
-        The connection is checked out and its transaction begun before this yields,
-        so an unreachable replica is skipped before any of your code runs.
+        """A read-only session on a fit replica (or the primary, see fallback), its
+        transaction begun before this yields (an unreachable replica is skipped first).
 
         Args:
-            consistency_token: a position from :meth:`consistency_token` (e.g. carried
-                in a task queue message): the read sees that write. Without it, the
-                writes of the current request or task are honoured.
-            read_your_writes: override the router's mode for this read.
-            max_lag_seconds: override the lag bound for this read.
+            consistency_token: from :meth:`consistency_token` (a task queue message): the
+                read sees that write; without it, the current request's or task's.
+            read_your_writes, max_lag_seconds: override the router's for this read.
 
         Raises:
             NoHealthyReplicaError: no node could serve the read.
             ConsistencyTimeoutError: no replica caught up and fallback is off.
         """
+        self._lifecycle.session_opened()
         reads = self._reads
         policy = reads.policy(read_your_writes, max_lag_seconds)
         return reads.session([], policy, reads.state_for(consistency_token, policy))
@@ -257,14 +255,8 @@ class ReplicaRouter:
         """A reader dependency with its own consistency, for one group of routes.
 
         The same arguments return the same object, so ``dependency_overrides`` works.
-        Its decisions are counted apart in ``router.status().reads``.
-
-        Example::
-
-            dashboard_reader = router.reader_with(max_lag_seconds=30, read_your_writes="off")
-
-            @app.get("/dashboard")
-            async def dashboard(db: AsyncSession = Depends(dashboard_reader)): ...
+        Its decisions are counted apart in ``router.status().reads``. Example:
+        ``Depends(router.reader_with(max_lag_seconds=30, read_your_writes="off"))``.
 
         Raises:
             ConfigurationError: a bad value, or ``"lsn"`` while the router's mode is not.
@@ -273,36 +265,35 @@ class ReplicaRouter:
         policy = reads.policy(read_your_writes, max_lag_seconds)
         if policy is reads.default_policy:
             return self.reader
-        dependency = self._reader_dependencies.get(policy)
+        key = (read_your_writes, max_lag_seconds)
+        dependency = self._reader_dependencies.get(key)
         if dependency is None:
-            dependency = _fastapi.make_reader(reads.opener(policy), policy.name)
-            self._reader_dependencies[policy] = dependency
+            opener = partial(
+                self.reader_session,
+                read_your_writes=read_your_writes,
+                max_lag_seconds=max_lag_seconds,
+            )
+            dependency = _fastapi.make_reader(opener, policy.name)
+            self._reader_dependencies[key] = dependency
         return dependency
 
     def writer_session(
         self, *, isolation_level: IsolationLevel | None = None
     ) -> AbstractAsyncContextManager[AsyncSession]:
-        """A session on the primary, committed when the block ends without error.
-
-        An exception in the block rolls back. If the commit fails, the error
-        propagates (a FastAPI route answers 500, never 2xx). If the connection is
-        lost while COMMIT is in flight, :class:`CommitOutcomeUnknownError` is raised.
-
-        Args:
-            isolation_level: e.g. ``"SERIALIZABLE"``; the server default when omitted.
+        """A session on the primary, committed when the block ends without error (an
+        exception rolls back; a failed commit propagates, so a route answers 500, never
+        2xx). ``isolation_level``: e.g. ``"SERIALIZABLE"`` (default: the server's).
 
         Raises:
             PrimaryUnavailableError: no working connection to the primary.
             CommitOutcomeUnknownError: COMMIT was sent and its answer lost.
         """
+        self._lifecycle.session_opened()
         return self._writes.session(isolation_level)
 
     def consistency_token(self) -> str | None:
-        """The position the current request or task must see, as a token, or None.
-
-        After a writer committed, it covers that write: put it in a task queue
-        message and read with ``reader_session(consistency_token=...)``.
-        """
+        """The position the current request or task must see, as a token, or None; after
+        a writer committed, it covers that write (``reader_session(consistency_token=)``)."""
         state = current_state()
         if state is None:
             return None
@@ -328,15 +319,15 @@ class ReplicaRouter:
     ) -> T:
         """Run ``fn(session)`` on a reader; re-run it elsewhere if the node fails.
 
-        ``fn`` must be a whole read that is safe to repeat. After a lost connection
-        or a recovery conflict on a replica (40001, 40P01), it runs again on another
-        node (the primary last, if allowed); any other error propagates at once.
-        The keyword arguments are those of :meth:`reader_session`.
+        ``fn`` must be a whole read that is safe to repeat. After a lost connection or
+        a recovery conflict on a replica (40001, 40P01), it runs again on another node
+        (the primary last, if allowed). The keywords are :meth:`reader_session`'s.
 
         Raises:
             NoHealthyReplicaError: no node is left to try.
             RetryExhaustedError: every attempt failed; ``last_exception`` says why.
         """
+        self._lifecycle.session_opened()
         reads = self._reads
         policy = reads.policy(read_your_writes, max_lag_seconds)
         attempts = self.settings.checkout_attempts + len(self.replicas)
@@ -355,19 +346,16 @@ class ReplicaRouter:
 
         It runs again only when the transaction certainly did not commit: after a
         serialization failure (40001) or a deadlock (40P01), or a connection lost
-        before COMMIT was sent. If the connection is lost during COMMIT,
-        :class:`CommitOutcomeUnknownError` propagates and ``fn`` never runs again.
-
-        Args:
-            fn: the unit of work; it may run more than once, so it must not have
-                effects outside the transaction.
-            isolation_level: e.g. ``"SERIALIZABLE"``.
-            attempts: the most runs (default: ``checkout_attempts`` + 2).
+        before COMMIT was sent; so ``fn`` must have no effects outside it. If the
+        connection is lost during COMMIT, :class:`CommitOutcomeUnknownError`
+        propagates and ``fn`` never runs again. ``attempts``: the most runs (default:
+        ``checkout_attempts`` + 2); ``isolation_level``: e.g. ``"SERIALIZABLE"``.
 
         Raises:
             CommitOutcomeUnknownError: the outcome of COMMIT is unknown.
             RetryExhaustedError: every attempt failed; ``last_exception`` says why.
         """
+        self._lifecycle.session_opened()
         limit = attempts if attempts is not None else self.settings.checkout_attempts + 2
         return await run_write(
             self._writes, self._checkout, lambda: self.primary, fn, isolation_level, limit
@@ -376,21 +364,32 @@ class ReplicaRouter:
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> RouterStatus:
-        """A snapshot of every node; URLs are masked."""
-        reads = self._reads
+        """A snapshot of every node, and what is wrong with the set-up; URLs are masked."""
+        reads, s, life = self._reads, self.settings, self._lifecycle
         return RouterStatus(
             nodes=tuple(node_status(n) for n in self.nodes),
             fallback_in_flight=reads.fallback_in_flight,
             fallback_cap=reads.fallback_cap,
-            strategy=self.settings.strategy,
+            strategy=s.strategy,
             health_checks_running=self._health.running,
-            read_your_writes=self.settings.read_your_writes,
+            read_your_writes=s.read_your_writes,
             reads=reads.policy_status(),
+            started=life.started,
+            read_your_writes_active=s.read_your_writes != "off" and life.middleware,
+            fallback_to_primary=s.fallback_to_primary,
+            warnings=life.warnings(s, len(self.replicas)),
         )
 
     def health_routes(self, prefix: str = "/health") -> APIRouter:
-        """An ``APIRouter`` with ``{prefix}/live`` and ``{prefix}/nodes``; mount it."""
+        """An ``APIRouter`` with ``{prefix}/live``, ``/ready``, ``/nodes`` and ``/ui``
+        (see the README's "Health routes"); mount it with ``app.include_router``."""
         return _fastapi.health_routes(self, prefix)
+
+    def _note_middleware(self) -> None:
+        self._lifecycle.middleware = True  # a ReadYourWritesMiddleware serves this router
+
+    def _check_overrides(self, overrides: Mapping[Any, Any]) -> None:
+        _fastapi.check_overrides(overrides, self.writer, self._lifecycle.overrides_warned)
 
     def __repr__(self) -> str:
         return (

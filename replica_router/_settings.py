@@ -385,6 +385,15 @@ class RouterSettings(BaseSettings):
     connect_timeout: float = Field(
         default=3.0, gt=0, description="seconds to open a connection to one node, > 0"
     )
+    read_timeout: float | None = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "seconds one reader statement may run on a replica; asyncpg cuts it, the replica "
+            "is ejected and run_read runs the read elsewhere (psycopg: the server's "
+            "statement_timeout). Empty: no bound"
+        ),
+    )
     checkout_attempts: int = Field(
         default=3, ge=1, description="attempts to get a working connection per session, >= 1"
     )
@@ -399,6 +408,14 @@ class RouterSettings(BaseSettings):
     )
     dispose_timeout: float = Field(
         default=5.0, gt=0, description="seconds shutdown waits for each node's pool to close"
+    )
+    require_at_start: Literal["none", "primary", "all"] = Field(
+        default="none",
+        description=(
+            "none, primary or all: the nodes that must accept a connection (reachable, and "
+            "the user, password and database right) when the router starts; otherwise "
+            "start() and the app's start-up fail, naming each node and why"
+        ),
     )
 
     def __init__(self, **values: Any) -> None:

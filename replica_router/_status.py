@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._nodes import Node, Role
+from ._nodes import CHECKOUT_BUCKETS, Node, Role
 from ._urls import mask_url
 
 __all__ = ["NodeStatus", "ReadPolicyStatus", "RouterStatus", "node_status"]
@@ -38,8 +38,8 @@ class NodeStatus:
     retries: int
     failovers: int
     weight: float
-    # Checkouts per bound of ``replica_router.CHECKOUT_BUCKETS`` (last: slower), and
-    # their total seconds.
+    # Checkouts per upper bound of ``CHECKOUT_BUCKETS`` in ``replica_router._nodes`` (not
+    # cumulative; the last: slower), and their total seconds. ``to_dict`` labels them.
     checkout_histogram: tuple[int, ...] = ()
     checkout_seconds: float = 0.0
 
@@ -53,17 +53,26 @@ class ReadPolicyStatus:
     re-read), ``replica_after_wait``, ``primary_behind`` (no replica replayed the
     client's write in time), ``primary_after_write`` (request mode),
     ``primary_fallback`` (no fit replica), ``token_ignored``.
+
+    ``max_lag_seconds`` and ``max_lag_bytes`` are the bounds in force for these reads
+    (``max_lag_bytes`` is None when a route's own ``max_lag_seconds`` replaces both).
     """
 
     name: str
     read_your_writes: str
     max_lag_seconds: float | None
     decisions: dict[str, int]
+    max_lag_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RouterStatus:
-    """Every node, primary first, the router-wide counters, and the read policies."""
+    """Every node, primary first, the router-wide counters, and the read policies.
+
+    ``started``: ``router.start()`` (or the lifespan) ran. ``read_your_writes_active``:
+    positions reach clients (the mode is not off and :class:`ReadYourWritesMiddleware` is
+    in place). ``warnings``: what is wrong with the set-up, in words.
+    """
 
     nodes: tuple[NodeStatus, ...]
     fallback_in_flight: int
@@ -72,6 +81,10 @@ class RouterStatus:
     health_checks_running: bool
     read_your_writes: str = "off"
     reads: tuple[ReadPolicyStatus, ...] = ()
+    started: bool = False
+    read_your_writes_active: bool = False
+    fallback_to_primary: bool = True
+    warnings: tuple[str, ...] = ()
 
     @property
     def primary(self) -> NodeStatus:
@@ -85,8 +98,27 @@ class RouterStatus:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data."""
-        return asdict(self)
+        """Plain JSON-ready data; each node's ``checkout_histogram`` maps an upper bound
+        in seconds (Prometheus' ``le``, not cumulative) to its count."""
+        data = asdict(self)
+        bounds = [*map(str, CHECKOUT_BUCKETS), "+Inf"]
+        for node in data["nodes"]:
+            counts = node["checkout_histogram"]
+            node["checkout_histogram"] = dict(zip(bounds, counts, strict=True)) if counts else {}
+        return data
+
+    def readiness(self) -> dict[str, Any]:
+        """Which of reads and writes can be served now, and by which nodes.
+
+        Writes need the primary up and not in recovery. Reads need a fit replica, or
+        the primary when there are no replicas or the fallback is allowed.
+        """
+        primary = self.primary
+        writes = primary.healthy and primary.server_role != "replica"
+        replicas = [n.name for n in self.nodes[1:] if n.healthy]
+        primary_reads = primary.healthy and (len(self.nodes) == 1 or self.fallback_to_primary)
+        reads_from = replicas or ([primary.name] if primary_reads else [])
+        return {"reads": bool(reads_from), "writes": writes, "reads_from": reads_from}
 
 
 def node_status(node: Node) -> NodeStatus:

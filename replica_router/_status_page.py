@@ -95,12 +95,14 @@ td.warn { color: var(--warn); font-weight: 600; }
 td.zero { color: var(--muted); }
 .stale table, .stale #summary { opacity: 0.6; }
 footer { margin-top: 16px; font-size: 12px; color: var(--muted); }
+#warnings { color: var(--warn); margin: 6px 0 0; padding-left: 18px; }
 </style>
 </head>
 <body data-source="__DATA_PATH__">
 <h1>replica-router <span id="state" class="waiting">connecting</span>
 <span id="updated"></span></h1>
 <div id="summary"></div>
+<ul id="warnings"></ul>
 <main>
 <h2>Nodes</h2>
 <div class="scroll"><table id="nodes">
@@ -173,10 +175,19 @@ footer { margin-top: 16px; font-size: 12px; color: var(--muted); }
     summary.replaceChildren();
     const nodes = data.nodes || [];
     strong(summary, "strategy", String(data.strategy));
-    strong(summary, "read-your-writes", String(data.read_your_writes));
+    const ryw = String(data.read_your_writes);
+    const inactive = ryw !== "off" && data.read_your_writes_active === false;
+    strong(summary, "read-your-writes", inactive ? ryw + " (inactive)" : ryw);
     strong(summary, "health checks", data.health_checks_running ? "running" : "stopped");
     strong(summary, "fallback in flight", data.fallback_in_flight + " / " + data.fallback_cap);
     strong(summary, "healthy", nodes.filter((n) => n.healthy).length + " of " + nodes.length);
+    const warnings = $("warnings");
+    warnings.replaceChildren();
+    for (const text of data.warnings || []) {
+      const item = document.createElement("li");
+      item.textContent = String(text);
+      warnings.append(item);
+    }
   }
 
   function renderNodes(nodes) {

@@ -50,8 +50,11 @@ async def run_read(
         except Exception as exc:
             kind = classify(exc)
             node = tried[-1] if len(tried) > before else None
+            # A read that timed out on a replica is safe to repeat elsewhere.
             retryable = kind in NODE_DOWN or (
-                node is not None and node.role is Role.REPLICA and kind in _RERUN_TRANSACTION
+                node is not None
+                and node.role is Role.REPLICA
+                and (kind in _RERUN_TRANSACTION or kind is ErrorKind.TIMEOUT)
             )
             if not retryable or node is None:
                 raise

@@ -25,10 +25,11 @@ from sqlalchemy.util import concurrency as _concurrency
 
 from ._checkout import Checkout, CheckoutFailed
 from ._consistency import WAL_INSERT_LSN_SQL, ConsistencyState, PrimaryPosition, current_state
-from ._exceptions import CommitOutcomeUnknownError, PrimaryUnavailableError
+from ._exceptions import CommitNotSentError, CommitOutcomeUnknownError, PrimaryUnavailableError
 from ._nodes import Node, Topology, dispose_node
-from ._retry import NODE_DOWN, ErrorKind, classify
+from ._retry import NODE_DOWN, ErrorKind, classify, never_sent, sqlstate_of
 from ._settings import RouterSettings
+from ._tracing import CheckoutSpan
 
 __all__ = ["IsolationLevel", "Writes"]
 
@@ -83,7 +84,14 @@ class Writes:
     async def session(self, isolation_level: IsolationLevel | None) -> AsyncIterator[AsyncSession]:
         """A session on the primary, committed when the block ends without error."""
         node = self._topology.primary
-        session = await self._checkout_writer(node, self._maker(node, isolation_level))
+        trace = self._checkout.trace
+        if trace is None:
+            session = await self._checkout_writer(node, self._maker(node, isolation_level))
+        else:
+            with trace.writer(node) as span:
+                session = await self._checkout_writer(
+                    node, self._maker(node, isolation_level), span
+                )
         node.state.sessions += 1
         # The pool's reset hook (_on_reset) records this commit's WAL position here.
         state = current_state(create=True) if self._settings.read_your_writes != "off" else None
@@ -100,12 +108,24 @@ class Writes:
         try:
             try:
                 yield session
-                await session.run_sync(flush_then_commit)
+                trace = self._checkout.trace
+                if trace is None:
+                    await session.run_sync(flush_then_commit)
+                else:
+                    with trace.commit(node):
+                        await session.run_sync(flush_then_commit)
             except Exception as exc:
                 kind = classify(exc)
                 if kind is ErrorKind.READ_ONLY:
                     self.primary_demoted("a write on the primary failed with 25006 (read-only)")
-                if committing and kind in NODE_DOWN:
+                # 25P03: the server ended the idle transaction before it read COMMIT.
+                if committing and (never_sent(exc) or sqlstate_of(exc) == "25P03"):
+                    node.state.mark_down("down: connection lost before COMMIT", type(exc).__name__)
+                    raise CommitNotSentError(
+                        "COMMIT never reached the primary (the connection was already "
+                        "broken): the transaction was not committed"
+                    ) from exc
+                if committing and (kind in NODE_DOWN or kind is ErrorKind.TIMEOUT):
                     node.state.mark_down("down: connection lost during COMMIT", type(exc).__name__)
                     raise CommitOutcomeUnknownError(
                         "the connection to the primary was lost during COMMIT; the "
@@ -118,12 +138,17 @@ class Writes:
             await self._checkout.release(node, session)
 
     async def _checkout_writer(
-        self, primary: Node, maker: async_sessionmaker[AsyncSession]
+        self,
+        primary: Node,
+        maker: async_sessionmaker[AsyncSession],
+        span: CheckoutSpan | None = None,
     ) -> AsyncSession:
         async def attempt(number: int) -> AsyncSession:
             if number > 1:
                 primary.state.retries += 1
-            session, _ = await self._checkout.open(primary, maker)
+            session, _ = await self._checkout.open(primary, maker, None, span)
+            if span is not None:
+                span.chosen(primary, "primary")
             if not primary.state.up:  # a working connection proves it
                 primary.state.up = True
                 logger.info("primary %s is reachable again", primary.name)
@@ -133,7 +158,7 @@ class Writes:
             return await self._checkout.with_retries(attempt, self._settings.checkout_attempts)
         except CheckoutFailed as exc:
             raise PrimaryUnavailableError(
-                f"the primary is unreachable ({type(exc.error).__name__})",
+                f"the primary {exc.summary}",
                 retry_after=self._settings.health_interval,
             ) from exc.error
 
@@ -205,7 +230,7 @@ class Writes:
         """The primary turned read-only: drain its pool so new connections find the
         writable host (a multi-host URL with ``target_session_attrs=read-write``)."""
         primary = self._topology.primary
-        primary.state.failovers += 1
+        # Counted as a failover by the health checker once it finds the new host.
         logger.warning("primary %s is read-only (%s); draining its pool", primary.name, why)
         task = asyncio.get_running_loop().create_task(
             dispose_node(primary, self._settings.dispose_timeout)

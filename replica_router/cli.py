@@ -4,7 +4,9 @@
 connects to every node and prints a table: node, URL (password masked),
 reachable, in recovery, lag behind the primary, server version. It exits 0 when
 every node is reachable and in the role it is configured as, 1 otherwise, and 2
-when the settings are invalid. ``--json`` prints the same as JSON.
+when the settings are invalid (an unknown ``REPLICA_ROUTER_*`` variable too). No
+replicas is a problem unless asked for: ``REPLICA_ROUTER_REPLICA_URLS`` set, and
+empty. ``--json`` prints the same as JSON.
 
 ``replica-router demo`` starts a local primary and replicas, an example app and
 live traffic, injects faults and shows the router reacting (see ``--help``).
@@ -32,6 +34,7 @@ from sqlalchemy.engine import URL
 from ._drivers import ProbeConnection, driver_for
 from ._exceptions import ConfigurationError
 from ._health import describe
+from ._lifecycle import primary_url_of
 from ._nodes import Role
 from ._settings import ENV_PREFIX, RouterSettings, split_replica_options
 from ._urls import mask_url
@@ -80,18 +83,25 @@ class NodeCheck:
 
 @dataclass(slots=True)
 class CheckResult:
-    """Every node, primary first; ``ok`` when all are reachable and in their roles."""
+    """Every node, primary first; ``ok`` when all are reachable and in their roles, and
+    the configuration has no problem of its own (``problems``: no replicas, unasked)."""
 
     nodes: list[NodeCheck]
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(not node.problems for node in self.nodes)
+        return not self.problems and all(not node.problems for node in self.nodes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (URLs masked)."""
-        return {"ok": self.ok, "nodes": [asdict(node) for node in self.nodes], "notes": self.notes}
+        return {
+            "ok": self.ok,
+            "nodes": [asdict(node) for node in self.nodes],
+            "notes": self.notes,
+            "problems": self.problems,
+        }
 
 
 def _lsn(text: str | None) -> int | None:
@@ -135,13 +145,19 @@ async def _probe(node: NodeCheck, conn: ProbeConnection, seconds: float) -> int 
     return _lsn(lsn)
 
 
-async def check(settings: RouterSettings, *, connect_timeout: float | None = None) -> CheckResult:
+async def check(
+    settings: RouterSettings,
+    *,
+    connect_timeout: float | None = None,
+    env_prefix: str = ENV_PREFIX,
+) -> CheckResult:
     """Connect to every configured node and report reachability, role and lag.
 
     Args:
         settings: the router's settings; ``primary_url`` must be set.
         connect_timeout: seconds for each connection and query (default: the
             settings' ``connect_timeout``).
+        env_prefix: the prefix the settings were read with (to name variables).
 
     Returns:
         One entry per node, the primary first; every connection is closed.
@@ -161,6 +177,18 @@ async def check(settings: RouterSettings, *, connect_timeout: float | None = Non
             (NodeCheck(name or f"replica-{index}", Role.REPLICA.value, mask_url(url)), url)
         )
     result = CheckResult([node for node, _ in targets])
+    if not settings.replica_urls:
+        variable = f"{env_prefix}REPLICA_URLS"
+        if "replica_urls" in settings.model_fields_set:  # set, and empty: as asked
+            result.notes.append(
+                f"no replicas ({variable} is empty): every read goes to the primary"
+            )
+        else:
+            result.problems.append(
+                f"no replicas: {variable} is not set, so every read would go to the primary; "
+                "set it to the replicas' URLs (comma-separated), or set it empty to run "
+                "without replicas"
+            )
 
     async def connect(node: NodeCheck, url: URL) -> ProbeConnection | None:
         try:
@@ -248,12 +276,19 @@ def format_table(result: CheckResult) -> str:
     ]
     for node in result.nodes:
         lines.extend(f"problem: {node.name}: {problem}" for problem in node.problems)
+    lines.extend(f"problem: {problem}" for problem in result.problems)
     lines.extend(f"note: {note}" for note in result.notes)
+    replicas = len(result.nodes) - 1
+    scope = "" if replicas else "; no replicas, so every read goes to the primary"
+    failed = sum(1 for node in result.nodes if node.problems)
     if result.ok:
-        lines.append(f"ok: {len(result.nodes)} nodes reachable and in their configured roles")
+        lines.append(
+            f"ok: {len(result.nodes)} nodes reachable and in their configured roles{scope}"
+        )
+    elif failed:
+        lines.append(f"failed: {failed} of {len(result.nodes)} nodes have problems{scope}")
     else:
-        failed = sum(1 for node in result.nodes if node.problems)
-        lines.append(f"failed: {failed} of {len(result.nodes)} nodes have problems")
+        lines.append(f"failed: no replicas configured ({len(result.nodes)} nodes reachable)")
     return "\n".join(lines)
 
 
@@ -261,15 +296,11 @@ def _run_check(args: argparse.Namespace) -> int:
     prefix: str = args.env_prefix
     try:
         settings = RouterSettings(_env_prefix=prefix)
-        if settings.primary_url is None:
-            raise ConfigurationError(
-                f"{prefix}PRIMARY_URL is not set; expected the primary's URL, "
-                "like postgresql+asyncpg://user:password@host:5432/database"
-            )
+        primary_url_of(settings, prefix)
     except ConfigurationError as exc:
         print(f"replica-router check: {exc}", file=sys.stderr)
         return BAD_SETTINGS
-    result = asyncio.run(check(settings, connect_timeout=args.timeout))
+    result = asyncio.run(check(settings, connect_timeout=args.timeout, env_prefix=prefix))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -319,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read the REPLICA_ROUTER_* settings (and .env) as the app does, connect to "
             "every node and print node, masked URL, reachable, in recovery, lag and server "
-            "version. Exit status: 0 all reachable and in their configured roles, 1 not, "
-            "2 invalid settings."
+            "version. Exit status: 0 all reachable and in their configured roles, 1 not "
+            "(or no replicas without REPLICA_ROUTER_REPLICA_URLS set empty), 2 invalid "
+            "settings."
         ),
     )
     check_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

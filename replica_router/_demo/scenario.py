@@ -39,6 +39,7 @@ class Demo:
         "interactive",
         "lagging_node",
         "out",
+        "page_url",
         "phase",
         "phases",
         "router",
@@ -59,6 +60,7 @@ class Demo:
         self._stop = asyncio.Event()
         self._interrupted = False
         self.router: ReplicaRouter | None = None
+        self.page_url: str | None = None  # the status page, once the app serves
         self.status: RouterStatus | None = None
         # Per node for "read" and "write"; per kind of request for "error".
         self.totals: dict[str, Counter[str]] = {
@@ -174,7 +176,11 @@ class Demo:
                 loop.add_signal_handler(sig, self.interrupt)
         try:
             async with serve(build_app(router)) as base_url:
-                self.event(f"notes app serving on {base_url} (routes /notes, /health/nodes)")
+                self.page_url = f"{base_url}/health/ui"
+                self.event(
+                    f"notes app serving on {base_url} (routes /notes, /health/nodes); "
+                    f"watch routing at {self.page_url}"
+                )
                 limits = httpx.Limits(max_connections=_CLIENTS * 2)
                 async with httpx.AsyncClient(
                     base_url=base_url, timeout=5.0, limits=limits

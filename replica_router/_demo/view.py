@@ -4,6 +4,7 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from .._settings import RouterSettings
 from .scenario import Demo
 
 if TYPE_CHECKING:
@@ -48,12 +49,52 @@ def _header(demo: Demo) -> str:
     index = demo.phases.index(phase) + 1
     left = max(0.0, phase.started + phase.share * demo.duration - time.monotonic())
     errors = demo.totals["error"]
+    legend = "".join(f"\n  {line}" for line in _legend(demo))
+    page = f"status page: {demo.page_url}\n" if demo.page_url else ""
     return (
+        f"{page}{_settings(demo)}\n"
         f"phase {index}/{len(demo.phases)}: {phase.title} ({left:.0f} s left)\n"
         f"expect: {phase.expectation}\n"
         f"client errors: {sum(errors.values())} (reads {errors['read']}, "
         f"writes {errors['write']})\n"
-        f"{_decisions(demo)}"
+        f"{_decisions(demo)}{legend}"
+    )
+
+
+# What each routing decision means, for the reader of the screen.
+_MEANINGS = {
+    "replica": "a fit replica, known to have what this client needs",
+    "replica_after_check": (
+        "a replica whose replay position was re-read first: it had the client's last write"
+    ),
+    "replica_after_wait": "a replica, after waiting (up to CONSISTENCY_WAIT) for it to replay",
+    "primary_behind": "the primary: no replica replayed the client's last write in time",
+    "primary_after_write": "the primary: this request wrote (read_your_writes=request)",
+    "primary_fallback": "the primary: no replica was fit (down, lagging, none configured)",
+    "token_ignored": "a position that was malformed, badly signed or beyond the primary",
+}
+
+
+def _legend(demo: Demo) -> list[str]:
+    """The meaning of every decision taken so far."""
+    if demo.router is None:
+        return []
+    seen: Counter[str] = Counter()
+    for policy in demo.router.status().reads:
+        seen.update({name: n for name, n in policy.decisions.items() if n})
+    return [f"{name}: {meaning}" for name, meaning in _MEANINGS.items() if seen[name]]
+
+
+def _settings(demo: Demo) -> str:
+    """The demo's own settings, and the defaults they stand in for."""
+    if demo.router is None:
+        return "settings: -"
+    s, d = demo.router.settings, RouterSettings.defaults()
+    return (
+        f"settings (demo; defaults in brackets): probes every {s.health_interval:g} s "
+        f"[{d.health_interval:g}], lag bound {s.max_lag_seconds:g} s "
+        f"[{d.max_lag_seconds:g}] or {_size(s.max_lag_bytes)} [{_size(d.max_lag_bytes)}]: "
+        "short, so each fault shows within seconds"
     )
 
 
@@ -162,6 +203,8 @@ def summary(demo: Demo) -> tuple[str, bool]:
         else:
             lines.append("     ok")
     lines.append(f"  {_decisions(demo)}")
+    lines.extend(f"    {line}" for line in _legend(demo))
+    lines.append(f"  {_settings(demo)}")
     if demo.interrupted:
         lines.append("result: interrupted")
     elif ok:

@@ -26,9 +26,14 @@ Fixtures:
   again (``start_node``) and ``wait_healthy()``. Skipped when Patroni or etcd is
   missing (``pip install 'replica-router[patroni]'``).
 
-Async fixtures need pytest-asyncio.
+Async tests and fixtures need pytest-asyncio in auto mode: ``pip install
+'replica-router[testing]'`` and ``asyncio_mode = "auto"`` under
+``[tool.pytest.ini_options]``. To point an app at the cluster:
+``router.override_for_tests(app, replica_router)`` (see the README's "Testing your app").
 
 Example::
+
+    from sqlalchemy import text
 
     async def test_reads_go_to_replicas(replica_router):
         async with replica_router.reader_session() as db:

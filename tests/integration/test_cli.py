@@ -143,8 +143,42 @@ def test_check_custom_prefix(
     monkeypatch.delenv("REPLICA_ROUTER_PRIMARY_URL")
     monkeypatch.delenv("REPLICA_ROUTER_REPLICA_URLS")
     monkeypatch.setenv("NOTES_DB_PRIMARY_URL", configured.primary_url)
+    monkeypatch.setenv("NOTES_DB_REPLICA_URLS", ",".join(configured.replica_urls))
     assert run_cli("check", "--env-prefix", "NOTES_DB_") == 0
-    assert "ok: 1 nodes reachable" in capsys.readouterr().out
+    assert "ok: 3 nodes reachable" in capsys.readouterr().out
+
+
+def test_check_without_replicas_says_so(
+    configured: LocalCluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The singular typo is refused as an unknown variable (tests/unit/test_settings.py);
+    # a forgotten line leaves the replicas unset: every read would go to the primary.
+    monkeypatch.delenv("REPLICA_ROUTER_REPLICA_URLS")
+    assert run_cli("check") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "problem: no replicas: REPLICA_ROUTER_REPLICA_URLS is not set, so every read would go "
+        "to the primary; set it to the replicas' URLs (comma-separated), or set it empty to "
+        "run without replicas"
+    ) in lines
+    assert lines[-1] == "failed: no replicas configured (1 nodes reachable)"
+    assert run_cli("check", "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert report["problems"][0].startswith("no replicas: REPLICA_ROUTER_REPLICA_URLS is not set")
+
+    # Set, and empty: what the user asked for.
+    monkeypatch.setenv("REPLICA_ROUTER_REPLICA_URLS", "")
+    assert run_cli("check") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        "note: no replicas (REPLICA_ROUTER_REPLICA_URLS is empty): every read goes to the primary"
+        in lines
+    )
+    assert lines[-1] == (
+        "ok: 1 nodes reachable and in their configured roles; no replicas, so every read "
+        "goes to the primary"
+    )
 
 
 @pytest.mark.parametrize(
@@ -154,6 +188,7 @@ def test_check_custom_prefix(
         ("REPLICA_ROUTER_REPLICA_URLS", "mysql://app:{password}@db-ro:3306/app", "scheme"),
         ("REPLICA_ROUTER_PRIMARY_URL", "", "PRIMARY_URL"),
         ("REPLICA_ROUTER_STRATEGY", "fastest", "round_robin"),
+        ("REPLICA_ROUTER_REPLICA_URL", "{url}", "did you mean REPLICA_ROUTER_REPLICA_URLS?"),
     ],
 )
 def test_check_bad_settings(
@@ -165,7 +200,8 @@ def test_check_bad_settings(
     words: str,
 ) -> None:
     if value:
-        monkeypatch.setenv(variable, value.format(password=configured.password))
+        url = configured.replica_urls[0]
+        monkeypatch.setenv(variable, value.format(password=configured.password, url=url))
     else:
         monkeypatch.delenv(variable)
     assert run_cli("check") == 2
@@ -199,6 +235,15 @@ def test_demo_runs_end_to_end() -> None:
     for phase in ("baseline", "replay paused on replica-1", "replica-2 killed (SIGKILL)"):
         assert phase in result.stdout
     assert "PROBLEM" not in result.stdout
+    # The demo's own settings are said, with the defaults they stand in for.
+    assert "settings (demo; defaults in brackets): probes every 0.25 s [1], lag bound 1 s [5]" in (
+        result.stdout
+    )
+    # Every decision on screen is explained (replica_after_check, primary_behind, ...).
+    decided = re.search(r"reads by decision \(read-your-writes: lsn\): (.*)", result.stdout)
+    assert decided is not None
+    for name in re.findall(r"([a-z_]+) \d+", decided.group(1)):
+        assert f"    {name}: " in result.stdout, name
     match = re.search(r"cluster up in [\d.]+ s in (\S+)", result.stdout)
     assert match is not None, result.stdout[:2000]
     base_dir = match.group(1)

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
 from replica_router import NoHealthyReplicaError, ReplicaRouter, RouterSettings
+from replica_router._retry import NODE_DOWN
 from replica_router.testing import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -43,9 +44,18 @@ async def router(replica_cluster: LocalCluster) -> AsyncIterator[ReplicaRouter]:
         yield r
 
 
-async def test_kill_a_replica_during_concurrent_reads(
-    router: ReplicaRouter, replica_cluster: LocalCluster
-) -> None:
+async def test_kill_a_replica_during_concurrent_reads(replica_cluster: LocalCluster) -> None:
+    # Probes every 3 s: an ejection within 1 s of the kill is a request's, and the
+    # reason says so (a probe's would name the probe's own error).
+    async with ReplicaRouter(
+        replica_cluster.primary_url,
+        replica_cluster.replica_urls,
+        settings=settings(health_interval=3.0),
+    ) as router:
+        await kill_under_reads(router, replica_cluster)
+
+
+async def kill_under_reads(router: ReplicaRouter, replica_cluster: LocalCluster) -> None:
     killed = replica_cluster.node("replica-1")
     results: Counter[int] = Counter()
     failures: list[BaseException] = []
@@ -65,11 +75,13 @@ async def test_kill_a_replica_during_concurrent_reads(
     replica_cluster.kill_node(killed)
     # Marked down at once by the reads that hit it, not at the next probe.
     took = await wait_until(lambda: not router.status().node("replica-1").healthy, timeout=1.0)
+    reason = router.status().node("replica-1").reason or ""
+    assert reason.split(":")[1].strip() in {k.value for k in NODE_DOWN}, reason
     served_before_restart = results[killed.port]
     await asyncio.sleep(0.5)
     assert results[killed.port] == served_before_restart  # no read went there while down
     replica_cluster.start_node(killed)
-    await wait_until(lambda: router.status().node("replica-1").healthy, timeout=15.0)
+    await wait_until(lambda: router.status().node("replica-1").healthy, timeout=20.0)
     await asyncio.sleep(0.5)
     stop.set()
     await asyncio.gather(*workers)
@@ -87,7 +99,9 @@ async def test_a_lagging_replica_stops_serving_and_comes_back(
     async with ReplicaRouter(
         replica_cluster.primary_url,
         replica_cluster.replica_urls,
-        settings=settings(max_lag_seconds=0.5),
+        # Read-your-writes off: this task's own writes must not be what keeps reads
+        # off the paused replica; only the lag bound may.
+        settings=settings(max_lag_seconds=0.5, read_your_writes="off"),
     ) as router:
         replica_cluster.pause_replay(lagging)
         for i in range(20):  # keep writing while replay is paused
@@ -221,3 +235,47 @@ async def test_probes_never_take_a_request_connection(replica_cluster: LocalClus
             pool = node.engine.pool
             assert isinstance(pool, QueuePool)
             assert pool.size() == 1
+
+
+async def test_a_stricter_lag_bound_for_one_read_is_honoured(
+    replica_cluster: LocalCluster,
+) -> None:
+    replica_cluster.execute("primary", "DROP TABLE IF EXISTS lag2; CREATE TABLE lag2 (v int)")
+    replica_cluster.wait_for_replay()
+    behind = replica_cluster.node("replica-1")
+    async with ReplicaRouter(
+        replica_cluster.primary_url,
+        replica_cluster.replica_urls,
+        settings=settings(max_lag_seconds=60, read_your_writes="off"),
+    ) as router:
+        replica_cluster.pause_replay(behind)
+        for i in range(10):
+            async with router.writer_session() as db:
+                await db.execute(text("INSERT INTO lag2 VALUES (:v)"), {"v": i})
+        await wait_until(lambda: (router.status().node("replica-1").lag_seconds or 0) > 0.5)
+        # Within the router's 60 s bound: plain reads still use it...
+        relaxed = {await router.run_read(port_of) for _ in range(10)}
+        assert behind.port in relaxed
+        # ...a read that asks for at most 0.2 s never does.
+        strict = {await router.run_read(port_of, max_lag_seconds=0.2) for _ in range(10)}
+        assert strict == {replica_cluster.node("replica-2").port}
+
+
+async def test_a_writable_server_listed_as_a_replica_still_refuses_writes(
+    replica_cluster: LocalCluster,
+) -> None:
+    # Before any probe (the router is not started) the router cannot know the "replica"
+    # is a primary: the READ ONLY set on its connections at connect is what stops the
+    # write (the real standbys refuse writes anyway, so only this shows the hook works).
+    from sqlalchemy.exc import DBAPIError
+
+    writable = f"{replica_cluster.primary_url}?replica_name=writable"
+    router = ReplicaRouter(replica_cluster.primary_url, [writable], settings=settings())
+    try:
+        async with router.reader_session() as db:
+            assert (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one() is False
+            with pytest.raises(DBAPIError) as caught:
+                await db.execute(text("CREATE TABLE must_not_exist (v int)"))
+        assert getattr(caught.value.orig, "sqlstate", None) == "25006"
+    finally:
+        await router.close()

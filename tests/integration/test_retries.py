@@ -14,14 +14,17 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from replica_router import (
+    CommitNotSentError,
     CommitOutcomeUnknownError,
     ReplicaRouter,
     RetryExhaustedError,
     RouterSettings,
 )
 from replica_router.testing import LocalCluster
+from replica_router.testing.pytest_plugin import DRIVERS
 
 pytestmark = pytest.mark.integration
+BOTH_DRIVERS = pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)
 
 FAST = RouterSettings.defaults(
     health_interval=0.1, health_timeout=1.0, checkout_attempts=5, connect_timeout=1.0
@@ -116,6 +119,29 @@ async def test_run_read_survives_killed_replicas(replica_cluster: LocalCluster) 
         stop.set()
         await asyncio.gather(*tasks)  # raises if any read failed
         assert True in results and False in results  # replicas first, then the primary
+
+
+async def test_run_read_runs_a_read_again_after_its_connection_is_lost(
+    replica_cluster: LocalCluster,
+) -> None:
+    # Deterministic: the first run kills its own backend mid-read, once.
+    async with ReplicaRouter(
+        replica_cluster.primary_url, replica_cluster.replica_urls, settings=FAST
+    ) as router:
+        runs: list[int] = []
+
+        async def read(db: AsyncSession) -> int:
+            port = int((await db.execute(text("SELECT inet_server_port()"))).scalar_one())
+            runs.append(port)
+            if len(runs) == 1:
+                await db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+            return port
+
+        port = await router.run_read(read)
+        assert len(runs) == 2  # run again, once
+        assert port == runs[1] != runs[0]  # on another node
+        status = {n.port: n.name for n in replica_cluster.nodes}
+        assert not router.status().node(status[runs[0]]).healthy  # ejected at once
 
 
 async def test_serialization_failures_are_rerun(replica_cluster: LocalCluster) -> None:
@@ -249,5 +275,65 @@ async def test_writes_follow_a_promoted_replica(tmp_path: object) -> None:
             status = router.status().node("replica-1")
             assert status.server_role == "primary"
             assert not status.healthy
+            # Counted once, when the probe found the writable host had changed.
+            assert router.status().primary.failovers == 1
             print(f"\nwrites resumed {recovered:.2f} s after the promotion began")
         assert cluster.execute(new, "SELECT count(*) FROM events") == [("2",)]
+
+
+@BOTH_DRIVERS
+async def test_a_commit_that_never_left_the_client_is_reported_not_committed(
+    replica_cluster: LocalCluster,
+) -> None:
+    # The server ends the idle transaction (idle_in_transaction_session_timeout) before
+    # COMMIT: the driver knows the connection is gone and never sends it.
+    replica_cluster.execute("primary", "DROP TABLE IF EXISTS unsent; CREATE TABLE unsent (v int)")
+    async with ReplicaRouter(
+        replica_cluster.primary_url, replica_cluster.replica_urls, settings=FAST
+    ) as router:
+
+        async def write(db: AsyncSession, pause: bool) -> None:
+            await db.execute(text("SET idle_in_transaction_session_timeout = '50ms'"))
+            await db.execute(text("INSERT INTO unsent VALUES (1)"))
+            if pause:
+                await asyncio.sleep(0.5)
+
+        with pytest.raises(CommitNotSentError):
+            async with router.writer_session() as db:
+                await write(db, pause=True)
+        assert replica_cluster.execute("primary", "SELECT count(*) FROM unsent") == [("0",)]
+        # Certainly not committed, so run_write may run it again.
+        runs: list[int] = []
+
+        async def once_slow(db: AsyncSession) -> None:
+            runs.append(1)
+            await write(db, pause=len(runs) == 1)
+
+        await router.run_write(once_slow)
+        assert len(runs) == 2
+        assert replica_cluster.execute("primary", "SELECT count(*) FROM unsent") == [("1",)]
+
+
+@BOTH_DRIVERS
+async def test_a_node_lost_mid_request_is_a_503_with_retry_after(
+    replica_cluster: LocalCluster,
+) -> None:
+    async with ReplicaRouter(
+        replica_cluster.primary_url, replica_cluster.replica_urls, settings=FAST
+    ) as router:
+        app = FastAPI()
+
+        @app.post("/write")
+        async def write(db: Annotated[AsyncSession, Depends(router.writer)]) -> None:
+            # What a switchover does to a session: 57P01, terminating connection.
+            await db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+        @app.get("/read")
+        async def read(db: Annotated[AsyncSession, Depends(router.reader)]) -> None:
+            await db.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for response in (await http.post("/write"), await http.get("/read")):
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "1"

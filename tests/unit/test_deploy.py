@@ -110,13 +110,60 @@ def test_deployment_builds_urls_from_the_secret_and_probes_health() -> None:
         for reference in re.findall(r"\$\((\w+)\)", value):
             assert reference in configmap["data"] or names.index(reference) < names.index(variable)
     assert configmap["data"]["DB_PRIMARY_HOST"].endswith("-rw")
-    assert configmap["data"]["DB_REPLICA_HOST"].endswith("-ro")
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health/live"
+    # Readiness fails only when neither reads nor writes can be served; liveness never
+    # asks a database: a down primary must neither unready nor restart every pod.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert container["resources"]["requests"]
     settings = {f"REPLICA_ROUTER_{name.upper()}" for name in RouterSettings.model_fields}
     unknown = {key for key in configmap["data"] if key.startswith("REPLICA_ROUTER_")} - settings
     assert not unknown
+
+
+def test_probes_name_the_routers_health_routes() -> None:
+    from replica_router import ReplicaRouter
+
+    (deployment,) = _load_yaml(DEPLOY / "kubernetes" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    routes = ReplicaRouter("postgresql://app:pw@127.0.0.1:1/app").health_routes()
+    paths = {getattr(route, "path", None) for route in routes.routes}
+    assert {"/health/live", "/health/ready", "/health/nodes", "/health/ui"} <= paths
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in paths
+
+
+def test_every_cloudnativepg_instance_is_a_replica_node_of_its_own() -> None:
+    # Not the -ro Service: one address over several servers would be one node, its
+    # probe measuring whichever server its connection landed on.
+    (deployment,) = _load_yaml(DEPLOY / "kubernetes" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value", "") for item in container["env"]}
+    urls = env["REPLICA_ROUTER_REPLICA_URLS"].split(",")
+    hosts = [url.split("@", 1)[1].split(":", 1)[0] for url in urls]
+    services = {
+        doc["metadata"]["name"]: doc for doc in _load_yaml(DEPLOY / "kubernetes" / "instances.yaml")
+    }
+    assert hosts == sorted(services) == ["notes-db-1", "notes-db-2", "notes-db-3"]
+    for name, service in services.items():
+        assert service["kind"] == "Service"
+        assert service["spec"]["selector"] == {
+            "cnpg.io/cluster": "notes-db",
+            "cnpg.io/instanceName": name,
+        }
+    for url, host in zip(urls, hosts, strict=True):
+        assert url.endswith(f"?replica_name={host}")
+        assert not host.endswith("-ro")
+    (configmap,) = _load_yaml(DEPLOY / "kubernetes" / "configmap.yaml")
+    assert not any(value.endswith("-ro") for value in configmap["data"].values())
+
+
+def test_the_readme_cloudnativepg_service_is_the_manifests() -> None:
+    readme = (DEPLOY.parent / "README.md").read_text(encoding="utf-8")
+    _, found, rest = readme.partition("<!-- snippet: cloudnativepg -->\n```yaml\n")
+    assert found
+    shown = yaml.safe_load(rest.split("\n```\n", 1)[0])
+    kubernetes_validate.validate(shown, KUBERNETES_VERSION, strict=True)
+    assert shown == _load_yaml(DEPLOY / "kubernetes" / "instances.yaml")[0]
 
 
 def _env_example() -> dict[str, str]:

@@ -14,7 +14,7 @@ import replica_router
 PACKAGE = Path(replica_router.__file__).parent
 MAX_LINES = 600
 # The core, lowest first: a module may import only modules before it. The package
-# face (__init__), the command line, the demo, metrics and testing sit above it all.
+# face (__init__), the command line, the demo, metrics, otel and testing sit above it all.
 CORE = (
     "_exceptions",
     "_urls",
@@ -28,10 +28,13 @@ CORE = (
     "_health",
     "_status",
     "_consistency",
+    "_otel",
+    "_tracing",
     "_checkout",
     "_reads",
     "_writes",
     "_units",
+    "_lifecycle",
     "_status_page",
     "fastapi",
     "_router",

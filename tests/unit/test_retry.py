@@ -6,7 +6,8 @@ import asyncpg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
-from replica_router import ErrorKind, classify
+from replica_router import ErrorKind
+from replica_router._retry import NODE_DOWN, classify
 
 
 class FakeAsyncpgError(Exception):
@@ -45,7 +46,10 @@ def test_raw_os_errors_are_connection_errors() -> None:
 
 
 def test_a_timeout_is_a_dead_node_only_at_checkout() -> None:
-    assert classify(TimeoutError()) is ErrorKind.OTHER
+    # Elsewhere it is the driver's statement bound: it ejects a replica (which may
+    # hang) but never counts as a lost connection to retry a write on.
+    assert classify(TimeoutError()) is ErrorKind.TIMEOUT
+    assert ErrorKind.TIMEOUT not in NODE_DOWN
     assert classify(TimeoutError(), during_checkout=True) is ErrorKind.CONNECTION
 
 
