@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = ("overhead", "faults", "strategies", "scale", "ryw", "otel") + (
+EXPECTED = ("overhead", "drivers", "faults", "strategies", "scale", "ryw", "otel") + (
     ("pgpool",) if shutil.which("pgpool") or Path("/usr/sbin/pgpool").exists() else ()
 )
 
