@@ -51,6 +51,7 @@ __all__ = [
     "format_lsn",
     "install_middleware",
     "parse_lsn",
+    "token_for",
 ]
 
 logger = logging.getLogger("replica_router")
@@ -388,6 +389,14 @@ def add_middleware(app: Any, source: PositionSource) -> None:
         return
     if getattr(app, "middleware_stack", None) is None and hasattr(app, "add_middleware"):
         app.add_middleware(ReadYourWritesMiddleware, router=source)
+
+
+def token_for(state: ConsistencyState | None, codec: TokenCodec) -> str | None:
+    """The token of the position ``state`` must see (its own commits or its client's)."""
+    if state is None:
+        return None
+    lsn = max(state.own_lsn, state.client_lsn)
+    return codec.encode(lsn) if lsn else None
 
 
 def install_middleware(app: Any, source: PositionSource) -> None:

@@ -193,14 +193,14 @@ class HealthChecker:
         self._topology = topology
         self._settings = settings
         self._connect_args = dict(connect_args or {})
-        self._connections: dict[str, ProbeConnection] = {}
+        self._connections: dict[Node, ProbeConnection] = {}
         self._history = _PrimaryHistory()
         self._primary_started: str | None = None
         self._primary_server: str | None = None
         # The last probe of the primary succeeded and no request found it down since:
         # replica lag is measured against its WAL (else against what replicas received).
         self._primary_live = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Node, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.probes = 0
 
@@ -229,15 +229,33 @@ class HealthChecker:
         self._stopping.clear()
         await self.probe_all()
         for node in self._topology.nodes:
-            task = asyncio.create_task(self._loop(node), name=f"replica-router probe {node.name}")
-            self._tasks.append(task)
+            self._spawn(node)
+
+    def _spawn(self, node: Node) -> None:
+        task = asyncio.create_task(self._loop(node), name=f"replica-router probe {node.name}")
+        self._tasks[node] = task
+
+    def sync(self) -> None:
+        """Follow a changed topology: probe new nodes on the interval like the others
+        (the caller probed them once already); stop probing nodes that left."""
+        current = set(self._topology.nodes)
+        for node in [node for node in self._connections if node not in current]:
+            self._drop_connection(node)
+        if not self.running:
+            return
+        for node in [node for node in self._tasks if node not in current]:
+            self._tasks.pop(node).cancel()
+        for node in self._topology.nodes:
+            if node not in self._tasks:
+                self._spawn(node)
 
     async def stop(self) -> None:
         """Stop probing and close the probe connections."""
         self._stopping.set()
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         connections = list(self._connections.values())
         self._connections.clear()
@@ -279,7 +297,7 @@ class HealthChecker:
         self._succeeded(node, result, generation)
 
     async def _query(self, node: Node) -> ProbeResult:
-        conn = self._connections.get(node.name)
+        conn = self._connections.get(node)
         if conn is None or conn.is_closed():
             conn = await node.driver.connect(
                 node.url,
@@ -287,7 +305,7 @@ class HealthChecker:
                 connect_timeout=self._settings.health_timeout,
                 application_name="replica-router-health",
             )
-            self._connections[node.name] = conn
+            self._connections[node] = conn
         started = time.perf_counter()
         row = await conn.fetch_row(_PROBE_SQL)
         latency = time.perf_counter() - started
@@ -303,7 +321,7 @@ class HealthChecker:
         )
 
     def _drop_connection(self, node: Node) -> None:
-        conn = self._connections.pop(node.name, None)
+        conn = self._connections.pop(node, None)
         if conn is not None:
             conn.terminate()
 

@@ -24,8 +24,8 @@ from sqlalchemy.pool import QueuePool
 from ._drivers import AsyncpgDriver, Driver, driver_for
 from ._exceptions import ConfigurationError
 from ._pool import FairAsyncQueuePool
-from ._settings import RouterSettings, parse_url, split_replica_options
-from ._urls import mask_url
+from ._settings import RouterSettings
+from ._urls import mask_url, parse_url, split_replica_options
 
 __all__ = [
     "CHECKOUT_BUCKETS",

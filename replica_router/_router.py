@@ -22,10 +22,12 @@ from ._consistency import (
     add_middleware,
     current_state,
     install_middleware,
+    token_for,
 )
 from ._exceptions import ReplicaRouterError
 from ._health import HealthChecker
 from ._lifecycle import Lifecycle, primary_url_of
+from ._membership import Membership
 from ._nodes import Node, build_topology, dispose_node
 from ._reads import Reads
 from ._selection import make_selector
@@ -59,6 +61,7 @@ class ReplicaRouter:
         "_codec",
         "_health",
         "_lifecycle",
+        "_members",
         "_reader_dependencies",
         "_reads",
         "_topology",
@@ -110,6 +113,7 @@ class ReplicaRouter:
             + engine_options.get("max_overflow", s.max_overflow),
         )
         self._writes = Writes(topology, s, self._checkout, position)
+        self._members = Membership(topology, s, self._health, engine_options, session_options)
         self._lifecycle = Lifecycle()
         self._reader_dependencies: dict[tuple[Any, Any], _fastapi.ReaderDependency] = {}
         self.writer, self.reader = _fastapi.make_dependencies(
@@ -146,13 +150,16 @@ class ReplicaRouter:
 
     @property
     def primary(self) -> Node:
-        """The primary node."""
         return self._topology.primary
 
     @property
     def replicas(self) -> tuple[Node, ...]:
-        """The replica nodes, in configuration order."""
         return self._topology.replicas
+
+    async def set_replicas(self, replica_urls: Sequence[str | URL]) -> None:
+        """Replace the replicas while running: nodes whose URL stays are kept, new ones
+        serve after their first probe, removed ones close once their sessions end."""
+        await self._members.set_replicas(replica_urls)
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -162,11 +169,8 @@ class ReplicaRouter:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Probe every node once and start the background health checks.
-
-        Raises:
-            ReplicaRouterError: a node ``require_at_start`` names failed (see its error).
-        """
+        """Probe every node once and start the background health checks (raises
+        ``ReplicaRouterError`` when a node that ``require_at_start`` names failed)."""
         life = self._lifecycle
         if life.started:
             return
@@ -176,12 +180,14 @@ class ReplicaRouter:
             await self.close()
             raise
         await self._health.start()
+        await self._members.start()  # Patroni discovery, if configured
         life.started = True  # after the first probes: /live never sees it half started
 
     async def close(self) -> None:
         """Stop health checks and dispose every engine, each within ``dispose_timeout``."""
         if self._lifecycle.started:
             self._lifecycle.started = False
+            await self._members.stop()
             await self._health.stop()
         timeout = self.settings.dispose_timeout
         await asyncio.gather(*(dispose_node(node, timeout) for node in self.nodes))
@@ -273,8 +279,7 @@ class ReplicaRouter:
                 read_your_writes=read_your_writes,
                 max_lag_seconds=max_lag_seconds,
             )
-            dependency = _fastapi.make_reader(opener, policy.name)
-            self._reader_dependencies[key] = dependency
+            dependency = self._reader_dependencies[key] = _fastapi.make_reader(opener, policy.name)
         return dependency
 
     def writer_session(
@@ -294,11 +299,7 @@ class ReplicaRouter:
     def consistency_token(self) -> str | None:
         """The position the current request or task must see, as a token, or None; after
         a writer committed, it covers that write (``reader_session(consistency_token=)``)."""
-        state = current_state()
-        if state is None:
-            return None
-        lsn = max(state.own_lsn, state.client_lsn)
-        return self._codec.encode(lsn) if lsn else None
+        return token_for(current_state(), self._codec)
 
     @property
     def codec(self) -> TokenCodec:
@@ -306,7 +307,6 @@ class ReplicaRouter:
         return self._codec
 
     def _note_rejected_token(self) -> None:
-        """Count a malformed or badly signed token (the middleware calls this)."""
         self._reads.default_policy.decisions["token_ignored"] += 1
 
     async def run_read(

@@ -36,8 +36,8 @@ from ._exceptions import ConfigurationError
 from ._health import describe
 from ._lifecycle import primary_url_of
 from ._nodes import Role
-from ._settings import ENV_PREFIX, RouterSettings, split_replica_options
-from ._urls import mask_url
+from ._settings import ENV_PREFIX, RouterSettings
+from ._urls import mask_url, split_replica_options
 
 __all__ = ["CheckResult", "NodeCheck", "check", "main"]
 

