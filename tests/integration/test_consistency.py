@@ -8,9 +8,6 @@ write and (with the feature off) that the same reads would have been stale.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _serve import serve
+from _serve import serve, uvicorn_process
 from ryw_app import create_app
 from sqlalchemy import text
 
@@ -283,13 +280,7 @@ async def test_explicit_middleware_and_secure_cookie(notes: LocalCluster) -> Non
 @pytest.fixture
 def two_workers(notes: LocalCluster) -> Iterator[str]:
     """The test app under ``uvicorn --workers 2`` (real processes, one port)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {
-        **os.environ,
         "REPLICA_ROUTER_PRIMARY_URL": notes.primary_url,
         "REPLICA_ROUTER_REPLICA_URLS": ",".join(notes.replica_urls),
         "REPLICA_ROUTER_READ_YOUR_WRITES": "lsn",
@@ -300,24 +291,8 @@ def two_workers(notes: LocalCluster) -> Iterator[str]:
         # Long probe intervals: a worker cannot have seen the other's write by probing.
         "REPLICA_ROUTER_HEALTH_INTERVAL": "30",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.integration.ryw_app:create_app",
-        "--factory",
-        "--workers",
-        "2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    app = "tests.integration.ryw_app:create_app"
+    with uvicorn_process(app, env, args=["--workers", "2"]) as (url, process):
         deadline = time.monotonic() + 60
         pids: set[int] = set()
         while len(pids) < 2:
@@ -329,13 +304,6 @@ def two_workers(notes: LocalCluster) -> Iterator[str]:
             except httpx.HTTPError:
                 time.sleep(0.1)
         yield url
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
 
 
 async def test_a_write_on_one_worker_is_read_back_through_the_other(

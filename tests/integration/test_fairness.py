@@ -10,7 +10,6 @@ SQLAlchemy's pool, and the same loops with the router's default pool.
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _serve import uvicorn_process
 from sqlalchemy import text
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
@@ -107,8 +107,6 @@ async def test_counter_proof_sqlalchemys_own_pool_starves_waiters(
 @pytest.fixture
 def one_worker(replica_cluster: LocalCluster) -> Iterator[str]:
     """The read-your-writes test app under a real uvicorn process, pool 10, overflow 0."""
-    import socket
-
     replica_cluster.execute(
         "primary",
         "DROP TABLE IF EXISTS ryw_notes;"
@@ -116,38 +114,19 @@ def one_worker(replica_cluster: LocalCluster) -> Iterator[str]:
         "INSERT INTO ryw_notes (body) VALUES ('fair')",  # id 1
     )
     replica_cluster.wait_for_replay()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {
-        **os.environ,
         "REPLICA_ROUTER_PRIMARY_URL": replica_cluster.primary_url,
         "REPLICA_ROUTER_REPLICA_URLS": replica_cluster.replica_urls[0],
         "REPLICA_ROUTER_POOL_SIZE": "10",
         "REPLICA_ROUTER_MAX_OVERFLOW": "0",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "tests.integration.ryw_app:create_app",
-        "--factory",
-        # What production runs (uvicorn[standard]); asyncio's own loop and h11 are slow
-        # enough to hide the starvation.
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    # What production runs (uvicorn[standard]); asyncio's own loop and h11 are slow
+    # enough to hide the starvation.
+    args = ["--loop", "uvloop", "--http", "httptools"]
+    with uvicorn_process("tests.integration.ryw_app:create_app", env, args=args) as (
+        url,
+        process,
+    ):
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, "uvicorn exited"
@@ -158,13 +137,6 @@ def one_worker(replica_cluster: LocalCluster) -> Iterator[str]:
             except httpx.HTTPError:
                 time.sleep(0.1)
         yield url
-    finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
 
 
 def test_sixteen_keep_alive_clients_are_all_served_over_http(
