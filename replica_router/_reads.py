@@ -18,7 +18,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -179,14 +179,6 @@ class Reads:
         )
 
     # -- sessions ----------------------------------------------------------------------
-
-    def opener(self, policy: ReadPolicy) -> Callable[[], AbstractAsyncContextManager[AsyncSession]]:
-        """Opens sessions of ``policy`` for the current request or task."""
-
-        def open_session() -> AbstractAsyncContextManager[AsyncSession]:
-            return self.session([], policy, current_state())
-
-        return open_session
 
     @asynccontextmanager
     async def session(

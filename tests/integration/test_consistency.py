@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.integration
 # The promise tests run once per driver: the cluster's URLs name asyncpg, then psycopg.
 BOTH_DRIVERS = pytest.mark.parametrize("replica_cluster", DRIVERS, indirect=True)
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET = "correct horse battery staple"
 
 
