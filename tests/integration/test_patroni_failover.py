@@ -28,6 +28,7 @@ from replica_router import (
     ReplicaRouter,
     RouterSettings,
 )
+from replica_router.fastapi import _lost
 from replica_router.testing import PatroniCluster
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,11 @@ async def test_switchover_and_leader_kill_under_load(patroni_cluster: PatroniClu
                     failures[type(exc).__name__] += 1
                     await asyncio.sleep(0.05)
                 except Exception as exc:
-                    failures[f"NOT ACTIONABLE {type(exc).__name__}: {exc}"[:120]] += 1
+                    # What a writer route would answer: a node lost mid-statement is a 503.
+                    if _lost(exc, None, writer=True) is not None:
+                        failures[f"503 {type(exc).__name__}"] += 1
+                    else:
+                        failures[f"NOT ACTIONABLE {type(exc).__name__}: {exc}"[:120]] += 1
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.01)
 
@@ -100,7 +105,8 @@ async def test_switchover_and_leader_kill_under_load(patroni_cluster: PatroniClu
                     reads[type(exc).__name__] += 1
                     await asyncio.sleep(0.05)
                 except Exception as exc:
-                    reads[f"NOT ACTIONABLE {type(exc).__name__}"] += 1
+                    lost = _lost(exc, None, writer=False) is not None
+                    reads[f"{'503' if lost else 'NOT ACTIONABLE'} {type(exc).__name__}"] += 1
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.005)
 
@@ -114,6 +120,7 @@ async def test_switchover_and_leader_kill_under_load(patroni_cluster: PatroniClu
         assert old is not None
         moved_at = time.monotonic()
         new = await asyncio.to_thread(cluster.switchover)
+        switched_at = time.monotonic()  # the new leader takes writes
         await asyncio.sleep(2.0)
         switch_back = _longest_gap(acknowledged, moved_at, time.monotonic())
 
@@ -124,10 +131,10 @@ async def test_switchover_and_leader_kill_under_load(patroni_cluster: PatroniClu
         await asyncio.sleep(3.0)
         kill_back = _longest_gap(acknowledged, killed_at, time.monotonic())
 
-        # The old leader rejoins as a replica and serves reads again.
-        await asyncio.to_thread(cluster.wait_healthy, 90.0)
+        # The leader before the switchover rejoined as a replica: it serves reads again.
+        # (The killed one may still be rewinding; the next test waits for it.)
         rejoined = cluster.member(old).port
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         served_by_old = False
         while not served_by_old and time.monotonic() < deadline:
             async with router.reader_session() as db:
@@ -149,8 +156,11 @@ async def test_switchover_and_leader_kill_under_load(patroni_cluster: PatroniClu
         f"failovers counted {failovers}"
     )
     assert max(stored.values()) == 1, "a write was stored twice"
-    # Asynchronous replication: only writes acknowledged just before the kill may be lost.
-    assert all(killed_at - 1.0 <= at <= killed_at + 5 for k, at in acknowledged if k in missing)
+    # Asynchronous replication: writes the killed leader acknowledged but had not yet
+    # streamed may be lost (reported above); nothing acknowledged before it led, or after
+    # the failover. A planned switchover loses nothing.
+    lost = [at for k, at in acknowledged if k in set(missing)]
+    assert all(switched_at <= at <= killed_at + 5 for at in lost), (min(lost), switched_at)
     # A session that began on a replica before its promotion may run its statement just
     # after it (the BEGIN was answered "in hot standby"): at most one per reader per
     # promotion. No session begins on a promoted node (test_topology.py proves that with
