@@ -12,6 +12,7 @@ The tree::
     ├── RetryExhaustedError           bounded retries ran out; keeps the last error
     ├── CommitOutcomeUnknownError     the connection was lost during COMMIT
     ├── CommitNotSentError            COMMIT never left the client: nothing committed
+    ├── ReplicaPromotedError          a read ran on a replica just promoted: discarded
     └── SessionClosedError (also SQLAlchemy's InvalidRequestError)
                                       a dependency's session used after its request
 
@@ -30,6 +31,7 @@ __all__ = [
     "NoHealthyNodeError",
     "NoHealthyReplicaError",
     "PrimaryUnavailableError",
+    "ReplicaPromotedError",
     "ReplicaRouterError",
     "RetryExhaustedError",
     "SessionClosedError",
@@ -107,4 +109,13 @@ class CommitNotSentError(ReplicaRouterError):
     it knew was broken): the transaction was certainly not committed.
 
     Safe to retry; ``run_write`` does, and a writer route answers 503 with Retry-After.
+    """
+
+
+class ReplicaPromotedError(ReplicaRouterError):
+    """A reader's statement ran on a replica that had just been promoted: its result
+    is discarded, so no read is ever served by a node that left recovery.
+
+    Nothing was written (reader sessions are READ ONLY). Safe to retry; ``run_read``
+    runs the read on another node, and a reader route answers 503 with Retry-After.
     """

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import QueuePool
 
 from ._drivers import AsyncpgDriver, Driver, driver_for
-from ._exceptions import ConfigurationError
+from ._exceptions import ConfigurationError, ReplicaPromotedError
 from ._pool import FairAsyncQueuePool
 from ._settings import RouterSettings
 from ._urls import mask_url, parse_url, split_replica_options
@@ -235,7 +235,10 @@ def build_node(
     else:
         readonly = engine.execution_options(postgresql_readonly=True)
         reader_maker = async_sessionmaker(readonly, **session_kwargs)
-    return Node(name, role, url, engine, maker, reader_maker, weight, NodeState(), driver)
+    node = Node(name, role, url, engine, maker, reader_maker, weight, NodeState(), driver)
+    if role is Role.REPLICA:
+        event.listen(engine.sync_engine, "after_cursor_execute", _recovery_guard(node))
+    return node
 
 
 _READ_ONLY_HOOKS: dict[str, Any] = {}
@@ -252,6 +255,24 @@ def read_only_hook(driver: Driver) -> Any:
 
         hook = _READ_ONLY_HOOKS[driver.name] = read_only_connection
     return hook
+
+
+def _recovery_guard(node: Node) -> Any:
+    """``after_cursor_execute`` on a replica: a statement whose answer came with
+    ``in_hot_standby = off`` ran on a server promoted since its session began (the
+    server reports the change with the first answer after it). The result is
+    discarded before it reaches anyone, so no read is served by a node that left
+    recovery; the checkout that proved the session had seen the node in recovery."""
+    in_hot_standby = node.driver.in_hot_standby
+    state = node.state
+
+    def refuse_after_promotion(conn: Any, *args: Any) -> None:
+        if in_hot_standby(conn.connection) is False:
+            state.in_recovery = False
+            msg = f"replica {node.name} left recovery (promoted) during this read; retry"
+            raise ReplicaPromotedError(msg)
+
+    return refuse_after_promotion
 
 
 def _timeout_hook(driver: Driver) -> Any:

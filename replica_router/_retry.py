@@ -9,6 +9,8 @@ CONNECTION                  08xxx, OSError,    node is down: a reader ejects a r
                             invalidated conn   moves on; the writer retries the primary
 SHUTDOWN                    57P01, 57P02       as CONNECTION (admin or crash shutdown)
 CANNOT_CONNECT_NOW          57P03              as CONNECTION (starting up, in recovery)
+LEFT_RECOVERY               ReplicaPromoted-   as CONNECTION: a read ran on a replica just
+                            Error              promoted; its result was discarded
 TOO_MANY_CONNECTIONS        53300              retry after backoff; the node stays up
 AUTHENTICATION              28P01, 28000,      the node refuses these credentials or this
                             3D000              database: marked down, logged once; a reader
@@ -34,6 +36,7 @@ from __future__ import annotations
 import enum
 
 from ._drivers import DRIVERS
+from ._exceptions import ReplicaPromotedError
 
 __all__ = [
     "EJECTS_REPLICA",
@@ -53,6 +56,7 @@ class ErrorKind(enum.Enum):
     CONNECTION = "connection"
     SHUTDOWN = "shutdown"
     CANNOT_CONNECT_NOW = "cannot_connect_now"
+    LEFT_RECOVERY = "left_recovery"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     AUTHENTICATION = "authentication"
     READ_ONLY = "read_only"
@@ -80,7 +84,14 @@ _BY_SQLSTATE = {
 _DRIVERS = tuple(DRIVERS.values())
 
 # Kinds after which the node cannot be used: eject a replica, reconnect to the primary.
-NODE_DOWN = frozenset({ErrorKind.CONNECTION, ErrorKind.SHUTDOWN, ErrorKind.CANNOT_CONNECT_NOW})
+NODE_DOWN = frozenset(
+    {
+        ErrorKind.CONNECTION,
+        ErrorKind.SHUTDOWN,
+        ErrorKind.CANNOT_CONNECT_NOW,
+        ErrorKind.LEFT_RECOVERY,
+    }
+)
 # Kinds after which a replica is ejected at once: it is down, or may hang.
 EJECTS_REPLICA = NODE_DOWN | {ErrorKind.TIMEOUT}
 
@@ -127,6 +138,8 @@ def classify(exc: BaseException, *, during_checkout: bool = False) -> ErrorKind:
         return ErrorKind.AUTHENTICATION
     timed_out = False
     for item in _chain(exc):
+        if isinstance(item, ReplicaPromotedError):
+            return ErrorKind.LEFT_RECOVERY
         if getattr(item, "connection_invalidated", False):
             return ErrorKind.CONNECTION
         if isinstance(item, TimeoutError):

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.pool import QueuePool
 
-from replica_router import ReplicaRouter, RouterSettings
+from replica_router import ReplicaPromotedError, ReplicaRouter, RouterSettings, _nodes
 from replica_router._drivers import AsyncpgDriver
 from replica_router._nodes import Node
 from replica_router.testing import LocalCluster, PatroniCluster
@@ -72,6 +72,47 @@ async def test_counter_proof_without_the_parameter_status_reads_land_on_it(
     monkeypatch.setattr(AsyncpgDriver, "in_hot_standby", lambda self, connection: None)
     seen = await reads_after_a_promotion(own_cluster)
     assert seen[f"primary:{own_cluster.node('replica-1').port}"] > 0, seen
+
+
+async def a_read_straddling_a_promotion(cluster: LocalCluster) -> tuple[str, str]:
+    """A reader session begun on replica-1 while it was in recovery; replica-1 is
+    promoted; the session's statement runs. Returns what it gave (or raised), and where
+    ``run_read`` then ran the same read."""
+    async with ReplicaRouter(cluster.primary_url, cluster.replica_urls, settings=NO_PROBES) as r:
+        replica_1 = f"replica:{cluster.node('replica-1').port}"
+        for _ in range(20):
+            async with r.reader_session() as db:
+                if await where(db) != replica_1:
+                    continue
+                await asyncio.to_thread(cluster.promote, "replica-1")
+                try:
+                    outcome = await where(db)
+                except ReplicaPromotedError as exc:
+                    outcome = f"refused: {type(exc).__name__}"
+                break
+        else:
+            raise AssertionError("no session landed on replica-1")
+        return outcome, await r.run_read(where)
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_read_begun_before_a_promotion_is_not_served_by_the_promoted_node(
+    own_cluster: LocalCluster, driver: str
+) -> None:
+    # The server reports in_hot_standby = off with the first answer after its promotion:
+    # the statement's result is discarded, and run_read runs the read elsewhere.
+    own_cluster.driver = driver  # type: ignore[assignment]
+    outcome, rerun = await a_read_straddling_a_promotion(own_cluster)
+    assert outcome == "refused: ReplicaPromotedError"
+    assert rerun == f"replica:{own_cluster.node('replica-2').port}"
+
+
+async def test_counter_proof_without_the_guard_the_read_is_served_by_the_promoted_node(
+    own_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_nodes, "_recovery_guard", lambda node: lambda *args: None)
+    outcome, _ = await a_read_straddling_a_promotion(own_cluster)
+    assert outcome == f"primary:{own_cluster.node('replica-1').port}"
 
 
 async def test_replicas_change_while_running(replica_cluster: LocalCluster) -> None:

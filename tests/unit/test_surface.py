@@ -20,6 +20,7 @@ EXPORTED = [
     "RandomChoice",
     "ReadPolicyStatus",
     "ReadYourWritesMiddleware",
+    "ReplicaPromotedError",
     "ReplicaRouter",
     "ReplicaRouterError",
     "RetryExhaustedError",
@@ -65,6 +66,7 @@ def test_exception_tree() -> None:
         "ConsistencyTimeoutError",
         "CommitOutcomeUnknownError",
         "CommitNotSentError",
+        "ReplicaPromotedError",
         "SessionClosedError",
     )
     for name in names:
