@@ -33,6 +33,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +235,54 @@ def _owned_and_private(path: Path) -> bool:
     )
 
 
+def reachable_cache(name: str, fill: Callable[[Path], None]) -> tuple[Path, bool]:
+    """A directory every user can read, filled once by ``fill`` and kept for reuse.
+
+    Args:
+        name: Its name under the system temporary directory (``replica-router-<name>``);
+            it must change whenever what ``fill`` copies changes.
+        fill: Copies into the (empty) staging directory it is given.
+
+    Returns:
+        The directory, and whether it was made by this call.
+
+    Raises:
+        PostgresNotFoundError: The directory exists but is not this user's, or others
+            may write to it.
+    """
+    cache = Path(tempfile.gettempdir()) / f"replica-router-{name}"
+    if cache.exists() and _owned_and_private(cache) and (cache / ".complete").exists():
+        return cache, False
+    staging = Path(tempfile.mkdtemp(prefix=f"{cache.name}.", dir=cache.parent))
+    try:
+        fill(staging)
+        for root, dirs, files in os.walk(staging):
+            for entry in dirs:
+                os.chmod(os.path.join(root, entry), 0o755)
+            for entry in files:
+                path = os.path.join(root, entry)
+                if not os.path.islink(path):
+                    mode = os.stat(path).st_mode
+                    os.chmod(path, (mode | 0o444 | (0o111 if mode & 0o100 else 0)) & ~0o022)
+        os.chmod(staging, 0o755)
+        (staging / ".complete").touch()
+        if cache.exists() and _owned_and_private(cache):
+            # Left over from an interrupted copy: replace it.
+            shutil.rmtree(cache)
+        try:
+            staging.rename(cache)
+        except OSError:
+            # Another process won the race; its copy is as good as ours.
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not _owned_and_private(cache):
+        msg = f"cache directory {cache} is not owned by this user or is writable by others"
+        raise PostgresNotFoundError(msg)
+    return cache, True
+
+
 def ensure_reachable(bin_dir: Path, run_as: RunAs) -> Path:
     """Return ``bin_dir``, or a reachable copy of its install tree.
 
@@ -263,41 +312,18 @@ def ensure_reachable(bin_dir: Path, run_as: RunAs) -> Path:
     key = hashlib.sha256(
         f"{real_bin}\0{(real_bin / 'postgres').stat().st_mtime_ns}".encode()
     ).hexdigest()[:12]
-    cache = Path(tempfile.gettempdir()) / f"replica-router-pg-{run_as.uid}-{key}"
     package = prefix.parent
-    copied_bin = cache / package.name / prefix.name / real_bin.relative_to(prefix)
-    if cache.exists() and _owned_and_private(cache) and (cache / ".complete").exists():
-        server_version(copied_bin, run_as)
-        return copied_bin
-    staging = Path(tempfile.mkdtemp(prefix=f"{cache.name}.", dir=cache.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         shutil.copytree(prefix, staging / package.name / prefix.name, symlinks=True)
         for lib in libs:
             shutil.copytree(lib, staging / lib.name, symlinks=True)
-        for root, dirs, files in os.walk(staging):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), 0o755)
-            for name in files:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    mode = os.stat(path).st_mode
-                    os.chmod(path, (mode | 0o444 | (0o111 if mode & 0o100 else 0)) & ~0o022)
-        os.chmod(staging, 0o755)
-        (staging / ".complete").touch()
-        if cache.exists() and _owned_and_private(cache):
-            # Left over from an interrupted copy: replace it.
-            shutil.rmtree(cache)
-        try:
-            staging.rename(cache)
-        except OSError:
-            # Another process won the race; its copy is as good as ours.
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not _owned_and_private(cache):
-        msg = f"cache directory {cache} is not owned by this user or is writable by others"
-        raise PostgresNotFoundError(msg)
+
+    cache, fresh = reachable_cache(f"pg-{run_as.uid}-{key}", fill)
+    copied_bin = cache / package.name / prefix.name / real_bin.relative_to(prefix)
+    if not fresh:
+        server_version(copied_bin, run_as)
+        return copied_bin
     server_version(copied_bin, run_as)
     logger.info("copied PostgreSQL from %s to %s for user %s", prefix, cache, run_as.name)
     return copied_bin
