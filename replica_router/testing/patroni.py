@@ -55,6 +55,7 @@ from replica_router.testing._base import (
     sql_ident,
 )
 from replica_router.testing._binaries import server_user
+from replica_router.testing._patroni_install import find_etcd, patroni_command
 from replica_router.testing._patroni_tools import (
     NAMESPACE,
     SCOPE,
@@ -62,11 +63,9 @@ from replica_router.testing._patroni_tools import (
     Launcher,
     PatroniMember,
     PatroniNotFoundError,
-    find_etcd,
     free_ports,
     http_request,
     kill_member,
-    patroni_command,
     pg_bin_dir,
     poll,
     remove_base,

@@ -16,7 +16,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from replica_router.testing import PatroniCluster, PatroniNotFoundError
 from replica_router.testing._binaries import server_user
-from replica_router.testing._patroni_tools import Launcher, find_etcd, patroni_command
+from replica_router.testing._patroni_install import find_etcd, patroni_command
+from replica_router.testing._patroni_tools import Launcher
 from replica_router.testing._watchdog import processes_under
 
 pytestmark = pytest.mark.integration
