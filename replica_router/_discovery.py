@@ -8,20 +8,25 @@ with a role; the router turns them into nodes (``set_replicas``). Two sources:
   ``sync_standby``, ...), state (``streaming``, ``running``) and lag in bytes.
 * DNS: a replica host that resolves to several addresses (a Kubernetes headless
   service) stands for one server per address, so each is probed and measured on its
-  own, not whichever one a connection happened to land on.
+  own, not whichever one a connection happened to land on. :func:`dns_name` says
+  which URLs are expanded, :func:`resolve_addresses` finds the addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Member", "fetch_patroni_members", "resolve_addresses"]
+from sqlalchemy.engine import URL
+
+__all__ = ["Member", "dns_name", "fetch_patroni_members", "pick_addresses", "resolve_addresses"]
 
 logger = logging.getLogger("replica_router.discovery")
 
@@ -135,9 +140,50 @@ async def fetch_patroni_members(addresses: Sequence[str], seconds: float) -> lis
     raise OSError("no Patroni REST API answered (" + "; ".join(errors) + ")")
 
 
+def dns_name(url: URL) -> str | None:
+    """The host of ``url`` if it is a DNS name to expand into addresses, else None.
+
+    Not expanded: an IP address, a Unix socket directory, and the multi-host form
+    (``?host=h1:5432&host=h2:5432``), whose hosts are the driver's to try in order.
+    """
+    host = url.host
+    if not host or "host" in url.query or host.startswith("/"):
+        return None
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # fe80::1%eth0: an address too
+    except ValueError:
+        return host
+    return None
+
+
+def pick_addresses(infos: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The distinct addresses of ``getaddrinfo`` results, in address order.
+
+    IPv4 only when there are both: a dual-stack Kubernetes Service has an A and an AAAA
+    record for each pod, and one pod is one server, not two nodes.
+    """
+    found: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+    for info in infos:
+        text = str(info[4][0])
+        try:
+            found[text] = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            continue
+    if any(a.version == 4 for a in found.values()) and any(a.version == 6 for a in found.values()):
+        found = {text: a for text, a in found.items() if a.version == 4}
+    return sorted(found, key=lambda text: (found[text].version, found[text], text))
+
+
 async def resolve_addresses(host: str, port: int) -> list[str]:
     """Every address ``host`` resolves to now (one per server behind a headless
-    service), sorted; an address stays an address."""
+    service), as :func:`pick_addresses` orders them.
+
+    Raises:
+        OSError: the name does not resolve (``socket.gaierror``), or to nothing.
+    """
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
+    addresses = pick_addresses(infos)
+    if not addresses:
+        raise OSError(f"{host} resolved to no address")
+    return addresses

@@ -111,17 +111,22 @@ def update_eligibility(replicas: Sequence[Node], settings: RouterSettings) -> No
     median = statistics.median(latencies) if len(latencies) >= 2 else None
     for node in replicas:
         state = node.state
-        lagging = (state.lag_seconds or 0.0) > settings.max_lag_seconds or (
-            state.lag_bytes or 0
-        ) > settings.max_lag_bytes
+        # Patroni's figure (a member it discovered) counts beside the probes' own.
+        by_patroni = (state.patroni_lag_bytes or 0) > settings.max_lag_bytes
+        lagging = (
+            (state.lag_seconds or 0.0) > settings.max_lag_seconds
+            or (state.lag_bytes or 0) > settings.max_lag_bytes
+            or by_patroni
+        )
         if lagging != state.lagging:
             state.lagging = lagging
             if lagging:
                 logger.warning(
-                    "replica %s is lagging (%.1f s, %d bytes); it serves no reads",
+                    "replica %s is lagging (%.1f s, %d bytes%s); it serves no reads",
                     node.name,
                     state.lag_seconds or 0.0,
                     state.lag_bytes or 0,
+                    f"; Patroni reports {state.patroni_lag_bytes} bytes" if by_patroni else "",
                 )
             else:
                 logger.info("replica %s caught up; it serves reads again", node.name)

@@ -68,6 +68,8 @@ class NodeState:
     reason: str | None = None
     lag_seconds: float | None = None
     lag_bytes: int | None = None
+    # The lag Patroni's REST API last reported for a member it discovered (bytes).
+    patroni_lag_bytes: int | None = None
     replay_lsn: int | None = None
     receive_lsn: int | None = None
     replay_checked_at: float = 0.0

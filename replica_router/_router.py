@@ -175,19 +175,19 @@ class ReplicaRouter:
         if life.started:
             return
         try:
+            await self._members.start()  # Patroni, DNS: the replicas to start with
             await life.start(self._topology, self.settings)
         except ReplicaRouterError:
             await self.close()
             raise
         await self._health.start()
-        await self._members.start()  # Patroni discovery, if configured
         life.started = True  # after the first probes: /live never sees it half started
 
     async def close(self) -> None:
         """Stop health checks and dispose every engine, each within ``dispose_timeout``."""
+        await self._members.stop()  # discovery, and the pools of removed nodes
         if self._lifecycle.started:
             self._lifecycle.started = False
-            await self._members.stop()
             await self._health.stop()
         timeout = self.settings.dispose_timeout
         await asyncio.gather(*(dispose_node(node, timeout) for node in self.nodes))

@@ -75,6 +75,13 @@ def _patroni_urls(value: Any) -> Any:
     return value
 
 
+def _blank_is_none(value: Any) -> Any:
+    """An empty (or blank) value of an optional setting means "not set": its None."""
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
 def _secret(value: Any) -> Any:
     """Empty means no secret; otherwise it must be long enough to sign with."""
     if isinstance(value, str) and not value.strip():
@@ -141,6 +148,14 @@ class RouterSettings(BaseSettings):
             "are the streaming members, followed every health_interval; empty: off"
         ),
     )
+    dns_discovery: bool = Field(
+        default=False,
+        description=(
+            "true/false: a replica URL whose host is a DNS name (a Kubernetes headless "
+            "Service) becomes one node per address the name resolves to, resolved again "
+            "every health_interval"
+        ),
+    )
     health_interval: float = Field(
         default=1.0, gt=0, description="seconds between health probes of each node, > 0"
     )
@@ -163,7 +178,7 @@ class RouterSettings(BaseSettings):
     fallback_to_primary: bool = Field(
         default=True, description="true/false: may reads use the primary when no replica is fit"
     )
-    fallback_max_in_flight: int | None = Field(
+    fallback_max_in_flight: Annotated[int | None, BeforeValidator(_blank_is_none)] = Field(
         default=None,
         ge=0,
         description=(
@@ -232,7 +247,7 @@ class RouterSettings(BaseSettings):
     connect_timeout: float = Field(
         default=3.0, gt=0, description="seconds to open a connection to one node, > 0"
     )
-    read_timeout: float | None = Field(
+    read_timeout: Annotated[float | None, BeforeValidator(_blank_is_none)] = Field(
         default=5.0,
         gt=0,
         description=(

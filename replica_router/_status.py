@@ -42,6 +42,9 @@ class NodeStatus:
     # cumulative; the last: slower), and their total seconds. ``to_dict`` labels them.
     checkout_histogram: tuple[int, ...] = ()
     checkout_seconds: float = 0.0
+    # The lag in bytes Patroni's REST API reports for a member it discovered (None for
+    # other nodes, or when Patroni gives none): above max_lag_bytes, it serves no reads.
+    patroni_lag_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,4 +149,5 @@ def node_status(node: Node) -> NodeStatus:
         weight=node.weight,
         checkout_histogram=tuple(s.checkout_counts),
         checkout_seconds=s.checkout_seconds,
+        patroni_lag_bytes=s.patroni_lag_bytes,
     )

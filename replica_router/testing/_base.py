@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import abc
 import atexit
+import contextlib
+import ipaddress
 import logging
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, Self, TypeVar
 from urllib.parse import quote
+
+from replica_router.testing import _watchdog
 
 __all__ = ["DRIVERS", "ClusterBase", "ClusterError", "Driver", "NodeLike", "Role", "StopMode"]
 
@@ -126,6 +133,64 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def check_addresses(addresses: Sequence[str] | None, replicas: int) -> tuple[str, ...]:
+    """Validate ``replica_addresses``: one distinct IPv4 loopback address per replica."""
+    if addresses is None:
+        return ()
+    found = tuple(addresses)
+    if isinstance(addresses, str) or len(found) != replicas:
+        msg = f"replica_addresses must list one address per replica ({replicas}), got {addresses!r}"
+        raise ValueError(msg)
+    for address in found:
+        try:
+            loopback = ipaddress.ip_address(address) in ipaddress.ip_network("127.0.0.0/8")
+        except ValueError:
+            loopback = False
+        if not loopback:
+            msg = f"replica_addresses: {address!r} is not an IPv4 loopback address (127.x.y.z)"
+            raise ValueError(msg)
+    if len(set(found)) != len(found):
+        msg = f"replica_addresses must be distinct, got {found!r}"
+        raise ValueError(msg)
+    return found
+
+
+def free_shared_port(addresses: Sequence[str], attempts: int = 100) -> int:
+    """A TCP port that is free on every one of ``addresses`` now."""
+    for _ in range(attempts):
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            first.bind((addresses[0], 0))
+            port: int = first.getsockname()[1]
+            try:
+                for address in addresses[1:]:
+                    other = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    other.bind((address, port))
+            except OSError:
+                continue
+            return port
+    msg = f"no TCP port is free on all of {list(addresses)}"
+    raise ClusterError(msg)
+
+
+def conf_value(value: str) -> str:
+    """A ``postgresql.conf`` value, quoted."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def start_watchdog(base: Path) -> subprocess.Popen[bytes]:
+    """The process that kills a cluster's servers under ``base`` once its owner is gone
+    (the pipe to it closes), see ``_watchdog``."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", _watchdog.__file__, str(base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        start_new_session=True,
+    )
 
 
 def sql_literal(value: str) -> str:

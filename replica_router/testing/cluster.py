@@ -12,6 +12,10 @@ No server outlives its owner: ``stop()`` runs from the context manager, from
 ``atexit``, and failing both, a small watchdog process SIGKILLs the servers when
 the owning process dies (SIGKILL included) and removes the directory.
 
+With ``replica_addresses`` the replicas listen on loopback addresses of their own
+(``127.0.0.2``, ``127.0.0.3``, ...) and all on one port: a DNS name over those
+addresses (a hosts-file entry) stands for a Kubernetes headless Service.
+
 Example::
 
     from replica_router.testing import LocalCluster
@@ -32,7 +36,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -49,9 +52,13 @@ from replica_router.testing._base import (
     Driver,
     Role,
     StopMode,
+    check_addresses,
     check_arguments,
+    conf_value,
     free_port,
+    free_shared_port,
     sql_ident,
+    start_watchdog,
     stop_steps,
 )
 from replica_router.testing._binaries import RunAs, ensure_reachable, find_pg_bin, server_user
@@ -68,10 +75,12 @@ class ClusterNode:
     Attributes:
         name: ``primary``, ``replica-1``, ``replica-2``, ...
         role: ``"primary"`` or ``"replica"``; a promoted replica becomes ``"primary"``.
-        port: The TCP port on 127.0.0.1, fixed for the cluster's lifetime.
+        port: The TCP port on ``host``, fixed for the cluster's lifetime.
         data_dir: The server's data directory.
         log_file: Where the server's output goes.
         pid: The postmaster's process id while it runs, else ``None``.
+        host: The address it listens on (127.0.0.1 unless ``replica_addresses``).
+        socket_dir: Its own Unix socket directory (None: the cluster's shared one).
     """
 
     name: str
@@ -81,6 +90,8 @@ class ClusterNode:
     log_file: Path
     pid: int | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    socket_dir: Path | None = None
 
     def log_tail(self, lines: int = 30) -> str:
         """Return the last ``lines`` lines of the server log."""
@@ -89,10 +100,6 @@ class ClusterNode:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _conf_value(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 class LocalCluster(ClusterBase[ClusterNode]):
@@ -109,6 +116,9 @@ class LocalCluster(ClusterBase[ClusterNode]):
         password: Its password (default: a random token).
         database: The database in the URLs, created at start (default ``app``).
         server_settings: Extra ``postgresql.conf`` settings for every node.
+        replica_addresses: One IPv4 loopback address per replica (all of 127/8 is
+            loopback on Linux) for it to listen on instead of 127.0.0.1, every replica
+            on the same port (free on each), each with a socket directory of its own.
 
     Raises:
         ValueError: An argument is invalid.
@@ -127,6 +137,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         "database",
         "driver",
         "password",
+        "replica_addresses",
         "replica_count",
         "server_settings",
         "user",
@@ -142,6 +153,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         password: str | None = None,
         database: str = "app",
         server_settings: Mapping[str, str] | None = None,
+        replica_addresses: Sequence[str] | None = None,
     ) -> None:
         settings = check_arguments(
             replicas,
@@ -151,6 +163,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
             server_settings=server_settings,
         )
         self.replica_count = replicas
+        self.replica_addresses = check_addresses(replica_addresses, replicas)
         self._bin_arg = Path(bin_dir) if bin_dir is not None else None
         self._base_parent = Path(base_dir) if base_dir is not None else None
         self.user = user or "postgres"
@@ -186,7 +199,11 @@ class LocalCluster(ClusterBase[ClusterNode]):
         return self._bin_dir
 
     def _host(self, node: ClusterNode) -> str:
-        return "127.0.0.1"
+        return node.host
+
+    def _sockets(self, node: ClusterNode) -> Path:
+        assert self.base_dir is not None
+        return node.socket_dir or self.base_dir / "sockets"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,12 +231,15 @@ class LocalCluster(ClusterBase[ClusterNode]):
         self._register()
         try:
             base.chmod(0o755)  # lets the server user reach its directories
-            self._start_watchdog(base)
+            self._watchdog = start_watchdog(base)
             (base / "sockets").mkdir()
             self._chown(base / "sockets")
             self._create_primary()
+            addresses = self.replica_addresses
+            port = free_shared_port(addresses) if addresses else None
             with ThreadPoolExecutor(max_workers=max(1, min(self.replica_count, 4))) as pool:
-                replicas = list(pool.map(self._create_replica, range(1, self.replica_count + 1)))
+                indexes = range(1, self.replica_count + 1)
+                replicas = list(pool.map(lambda i: self._create_replica(i, port), indexes))
             self._nodes.extend(replicas)
             for replica in replicas:
                 self._spawn(replica)
@@ -326,7 +346,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         result = self._tool(
             "psql",
             "-h",
-            str(self.base_dir / "sockets"),
+            str(self._sockets(node)),
             "-p",
             str(node.port),
             *args,
@@ -401,14 +421,14 @@ class LocalCluster(ClusterBase[ClusterNode]):
 
     def _write_settings(self, node: ClusterNode) -> None:
         assert self.base_dir is not None
-        settings = {"listen_addresses": "127.0.0.1", **BASE_SETTINGS}
+        settings = {"listen_addresses": node.host, **BASE_SETTINGS}
         settings["port"] = str(node.port)
-        settings["unix_socket_directories"] = str(self.base_dir / "sockets")
+        settings["unix_socket_directories"] = str(self._sockets(node))
         settings["max_wal_senders"] = str(max(10, self.replica_count + 4))
         settings["max_replication_slots"] = str(max(10, self.replica_count + 4))
         settings.update(self.server_settings)
         lines = [f"\n# replica_router.testing: {node.name}\n"]
-        lines += [f"{key} = {_conf_value(value)}\n" for key, value in settings.items()]
+        lines += [f"{key} = {conf_value(value)}\n" for key, value in settings.items()]
         with open(node.data_dir / "postgresql.conf", "a") as conf:
             conf.writelines(lines)
 
@@ -451,11 +471,13 @@ class LocalCluster(ClusterBase[ClusterNode]):
         if slots:
             self.execute(node, f"SELECT {slots}")
 
-    def _create_replica(self, index: int) -> ClusterNode:
+    def _create_replica(self, index: int, port: int | None = None) -> ClusterNode:
         name = f"replica-{index}"
         data_dir, log_file = self._node_dirs(name)
         primary = self._nodes[0]
-        node = ClusterNode(name, "replica", free_port(), data_dir, log_file)
+        node = ClusterNode(name, "replica", port or free_port(), data_dir, log_file)
+        if self.replica_addresses:  # one port for all: one socket directory each
+            node.host, node.socket_dir = self.replica_addresses[index - 1], data_dir.parent
         conninfo = f"host=127.0.0.1 port={primary.port} user={self.user} application_name={name}"
         self._tool(
             "pg_basebackup",
@@ -474,16 +496,6 @@ class LocalCluster(ClusterBase[ClusterNode]):
         )
         self._write_settings(node)
         return node
-
-    def _start_watchdog(self, base: Path) -> None:
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", _watchdog.__file__, str(base)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-        )
 
     def _spawn(self, node: ClusterNode, *, retry_ports: bool = False) -> None:
         assert self._bin_dir is not None
@@ -553,7 +565,7 @@ class LocalCluster(ClusterBase[ClusterNode]):
         _watchdog.sweep(str(node.data_dir.resolve()), exact=True)
         for stale in (
             node.data_dir / "postmaster.pid",
-            self.base_dir / "sockets" / f".s.PGSQL.{node.port}.lock",
+            self._sockets(node) / f".s.PGSQL.{node.port}.lock",
         ):
             stale.unlink(missing_ok=True)
         node._process = None

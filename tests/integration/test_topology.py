@@ -165,6 +165,11 @@ async def test_patroni_members_are_followed(patroni_cluster: PatroniCluster) -> 
         while {n.name for n in router.replicas} != expected:
             assert time.monotonic() - started < 2 * settings.health_interval + 3, router.replicas
             await asyncio.sleep(0.1)
+        # Patroni's own figure of each member's lag is followed and shown beside the probes'.
+        while not all(isinstance(router.status().node(n).patroni_lag_bytes, int) for n in expected):
+            assert time.monotonic() - started < 2 * settings.health_interval + 10, router.status()
+            await asyncio.sleep(0.1)
+        assert all(router.status().node(n).healthy for n in expected)  # within max_lag_bytes
         added = cluster.add_member()
         started = time.monotonic()
         while added not in {n.name for n in router.replicas}:
