@@ -107,6 +107,12 @@ class Driver(Protocol):
         has ``dbapi_connection``, the adapter, and ``driver_connection``)."""
         ...
 
+    async def rollback(self, connection: Any) -> bool:
+        """Roll the transaction back through the driver, as SQLAlchemy's adapter would,
+        but without a greenlet; then its own rollback has nothing left to do. False:
+        this driver does not, and SQLAlchemy's close must run."""
+        ...
+
     async def fetch_value(self, driver_connection: Any, sql: str, seconds: float) -> Any:
         """The first column of the first row, on the driver's own connection, within
         ``seconds`` (enforced by the driver: no extra task)."""
@@ -236,6 +242,21 @@ class AsyncpgDriver:
         ):
             return
         await start()
+
+    async def rollback(self, connection: Any) -> bool:
+        adapter = connection.dbapi_connection
+        if not hasattr(adapter, "_transaction"):  # pragma: no cover - another adapter
+            return False
+        transaction = adapter._transaction
+        if transaction is not None:
+            try:
+                await transaction.rollback()
+            finally:
+                # As the adapter's own rollback: once asyncpg was asked, it is done.
+                adapter._transaction = None
+                if getattr(adapter, "_started", None) is not None:  # SQLAlchemy 2.0
+                    adapter._started = False
+        return True
 
     async def fetch_value(self, driver_connection: Any, sql: str, seconds: float) -> Any:
         return await driver_connection.fetchval(sql, timeout=seconds)

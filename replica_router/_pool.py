@@ -75,6 +75,10 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
             raise _sa_queue.Full()
         self._items.append(item)
 
+    def takes_without_closing(self) -> bool:
+        """Whether an entry put now is kept or handed on (a full pool closes it)."""
+        return bool(self._waiters) or not self.full()
+
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
         # Never blocks: a pool never holds more than maxsize idle entries.
         self.put_nowait(item)

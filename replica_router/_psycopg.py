@@ -145,6 +145,9 @@ class PsycopgDriver:
         async with conn.lock:
             await conn.wait(start())  # BEGIN unless in a transaction or autocommit
 
+    async def rollback(self, connection: Any) -> bool:
+        return False  # SQLAlchemy's close rolls back (one greenlet)
+
     async def fetch_value(self, driver_connection: Any, sql: str, seconds: float) -> Any:
         conn = driver_connection
         async with asyncio.timeout(seconds):
