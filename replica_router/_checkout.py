@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import SessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -325,11 +325,14 @@ async def close_session(node: Node, session: AsyncSession) -> None:
             await close_quietly(session)
             return
         try:
-            if not await node.driver.rollback(fairy):
-                await close_quietly(session)
+            sent = await node.driver.rollback(fairy)
+        except BaseException as exc:
+            _drop(node, fairy, sync)
+            if isinstance(exc, Exception):
+                logger.debug("rolling back a session failed; its connection dropped", exc_info=True)
                 return
-        except Exception:
-            await abort(node, session)  # the rollback failed: drop the connection
+            raise  # cancelled: the connection was dropped all the same
+        if not sent:
             await close_quietly(session)
             return
         if _sole_connection(transaction) is None:
@@ -344,6 +347,17 @@ async def close_session(node: Node, session: AsyncSession) -> None:
         await close_quietly(session)
     except Exception:
         logger.debug("closing a session failed", exc_info=True)
+
+
+def _drop(node: Node, fairy: Any, sync: Session) -> None:
+    """Drop a connection whose rollback failed or was cancelled half-way, and close
+    its session; outside a greenlet SQLAlchemy's invalidation closes it without I/O."""
+    with contextlib.suppress(Exception):
+        node.driver.abort(fairy)
+    with contextlib.suppress(Exception):
+        fairy.invalidate()
+    with contextlib.suppress(Exception):
+        sync.close()
 
 
 def _sole_connection(transaction: SessionTransaction) -> Any:

@@ -137,3 +137,31 @@ async def test_sessions_closing_at_once_never_close_a_connection_without_a_green
         assert closes == ["AsyncSession.close"]
         assert "Exception closing connection" not in caplog.text
         assert idle(r, "replica-1") == 1
+
+
+async def test_a_close_cancelled_mid_rollback_drops_the_connection(
+    replica_cluster: LocalCluster,
+) -> None:
+    # A client that disconnects while its session's ROLLBACK waits on a frozen server:
+    # the connection goes, it does not stay checked out or come back mid-protocol.
+    settings = RouterSettings.defaults(read_your_writes="off", pool_size=2, max_overflow=0)
+    primary = replica_cluster.primary_url
+    async with ReplicaRouter(primary, replica_cluster.replica_urls[:1], settings=settings) as r:
+        manager = r.reader_session()
+        db = await manager.__aenter__()
+        pid = (await db.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        replica_cluster.freeze_node("replica-1")
+        try:
+            closing = asyncio.create_task(manager.__aexit__(None, None, None))
+            await asyncio.sleep(0.3)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+        finally:
+            replica_cluster.thaw_node("replica-1")
+        replica = next(n for n in r.nodes if n.name == "replica-1")
+        pool = replica.engine.sync_engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.checkedout() == 0
+        async with r.reader_session() as again:
+            assert (await again.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid

@@ -119,23 +119,26 @@ async def outage(cluster: LocalCluster, how: str, router: ReplicaRouter) -> tupl
     await asyncio.sleep(1.0)
     # The hard case, made certain: the last commits before the outage never reached
     # the replicas (their WAL senders hung first), and the router saw their position.
-    senders = [
-        int(pid) for (pid,) in cluster.execute("primary", "SELECT pid FROM pg_stat_replication")
-    ]
+    # Cluster controls run in a thread: blocking this loop (starting a server takes a
+    # second) would expire the BEGIN bounds of reads in flight on healthy replicas.
+    rows = await asyncio.to_thread(
+        cluster.execute, "primary", "SELECT pid FROM pg_stat_replication"
+    )
+    senders = [int(pid) for (pid,) in rows]
     for pid in senders:
         os.kill(pid, signal.SIGSTOP)
     async with router.writer_session() as db:
         await db.execute(text("INSERT INTO ledger VALUES ('ahead')"))
     await asyncio.sleep(0.3)
     if how == "freeze":
-        cluster.freeze_node("primary")
+        await asyncio.to_thread(cluster.freeze_node, "primary")
     else:
-        cluster.kill_node("primary")
+        await asyncio.to_thread(cluster.kill_node, "primary")
     await asyncio.sleep(OUTAGE)
     if how == "freeze":
-        cluster.thaw_node("primary")  # the WAL senders too
+        await asyncio.to_thread(cluster.thaw_node, "primary")  # the WAL senders too
     else:
-        cluster.start_node("primary")
+        await asyncio.to_thread(cluster.start_node, "primary")
     back = time.monotonic()
     healed.set_result(None)
     await asyncio.sleep(3.0)
