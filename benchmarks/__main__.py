@@ -27,7 +27,17 @@ from replica_router.testing import LocalCluster
 from ._common import LOAD_GENERATOR, TIMEOUT, Table, interrupt_guard, kill_children
 from ._schema import SCHEMA
 
-BENCHMARKS = ("overhead", "drivers", "faults", "strategies", "scale", "pgpool", "ryw", "otel")
+BENCHMARKS = (
+    "overhead",
+    "profile",
+    "drivers",
+    "faults",
+    "strategies",
+    "scale",
+    "pgpool",
+    "ryw",
+    "otel",
+)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
