@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -389,18 +388,6 @@ def stop_members(members: list[PatroniMember], grace: float, socket_dir: Path) -
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
     for member in members:
         kill_member(member, socket_dir)
-
-
-def start_watchdog(base: Path) -> subprocess.Popen[bytes]:
-    """Start the watchdog that cleans ``base`` up when we die (see ``_watchdog``)."""
-    return subprocess.Popen(
-        [sys.executable, "-I", "-S", _watchdog.__file__, str(base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-        start_new_session=True,
-    )
 
 
 def remove_base(base: Path, watchdog: subprocess.Popen[bytes] | None) -> None:

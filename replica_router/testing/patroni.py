@@ -53,6 +53,7 @@ from replica_router.testing._base import (
     parse_rows,
     psql_args,
     sql_ident,
+    start_watchdog,
 )
 from replica_router.testing._binaries import server_user
 from replica_router.testing._patroni_install import find_etcd, patroni_command
@@ -70,7 +71,6 @@ from replica_router.testing._patroni_tools import (
     poll,
     remove_base,
     start_etcd,
-    start_watchdog,
     stop_members,
     terminate,
     write_member_config,

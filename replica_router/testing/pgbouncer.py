@@ -43,7 +43,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -55,7 +54,13 @@ from typing import Self
 from urllib.parse import quote
 
 from replica_router.testing import _watchdog
-from replica_router.testing._base import ClusterError, free_port, parse_rows, psql_args
+from replica_router.testing._base import (
+    ClusterError,
+    free_port,
+    parse_rows,
+    psql_args,
+    start_watchdog,
+)
 from replica_router.testing._binaries import RunAs, server_user
 from replica_router.testing._pgbouncer_binary import (
     PgBouncerNotFoundError,
@@ -540,11 +545,4 @@ class PgBouncer:
             bouncer.process = None
 
     def _start_watchdog(self, base: Path) -> None:
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-I", "-S", _watchdog.__file__, str(base)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd="/",
-            start_new_session=True,
-        )
+        self._watchdog = start_watchdog(base)

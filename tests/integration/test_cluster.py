@@ -177,6 +177,7 @@ def test_restart_node(cluster: LocalCluster) -> None:
 def test_promote() -> None:
     with LocalCluster(replicas=1, database="postgres") as small:
         small.execute("primary", "CREATE TABLE t (id int)")
+        small.wait_for_replay()  # an immediate stop may lose WAL the replica never got
         small.stop_node("primary", mode="immediate")
         small.promote("replica-1")
         assert small.node("replica-1").role == "primary"
