@@ -32,7 +32,14 @@ from tenacity import (
 
 from ._nodes import Node, Role
 from ._pool import HandOffQueue
-from ._retry import NODE_DOWN, ErrorKind, classify, is_connection_error, refusal
+from ._retry import (
+    NODE_DOWN,
+    ErrorKind,
+    classify,
+    fired_on_blocked_loop,
+    is_connection_error,
+    refusal,
+)
 from ._settings import RouterSettings
 from ._tracing import AutoTracing, CheckoutSpan, Tracing
 
@@ -69,10 +76,12 @@ class CheckoutFailed(Exception):
     """One checkout attempt failed in a way worth another attempt (``final``: not on
     this node, which refused the credentials, and no other node can take it)."""
 
-    def __init__(self, node: Node, error: BaseException) -> None:
+    def __init__(self, node: Node, error: BaseException, *, blameless: bool = False) -> None:
         super().__init__(node.name)
         self.node = node
         self.error = error
+        # The bound fired on a blocked event loop: the node may well be fine.
+        self.blameless = blameless
         refused = refusal(error)
         self.final = refused is not None and node.role is Role.PRIMARY
         # What happened, for the error a caller raises (no user or database name).
@@ -103,11 +112,12 @@ class Checkout:
     ``trace`` makes the sessions' spans; ``None`` when tracing is off (see ``_tracing``).
     """
 
-    __slots__ = ("_on_node_down", "_settings", "trace")
+    __slots__ = ("_blocked_warned_at", "_on_node_down", "_settings", "trace")
 
     def __init__(self, settings: RouterSettings, on_node_down: Callable[[Node], None]) -> None:
         self._settings = settings
         self._on_node_down = on_node_down
+        self._blocked_warned_at = -60.0
         self.trace: Tracing | None = AutoTracing(self)
 
     async def open(
@@ -133,6 +143,8 @@ class Checkout:
         session = maker()
         started = time.perf_counter()
         decision = "replica"
+        bound: asyncio.Timeout | None = None
+        blocked = False
         try:
             conn = await session.connection()
             try:
@@ -140,13 +152,19 @@ class Checkout:
                     decision = await prove(node, conn)
                 else:
                     # asyncio.timeout, not wait_for: no extra task per request.
-                    async with asyncio.timeout(self.begin_bound(node)):
+                    async with asyncio.timeout(self.begin_bound(node)) as bound:
                         await node.driver.begin(await raw_connection(conn))
                 if node.role is Role.REPLICA:
                     self._check_in_recovery(node, await raw_connection(conn))
             except Skip:
                 raise
             except BaseException as exc:
+                # Judged now, before the awaits below add their own delay.
+                blocked = (
+                    bound is not None
+                    and bound.expired()
+                    and fired_on_blocked_loop(bound.when() or 0.0)
+                )
                 await _invalidate(node, conn, exc)
                 raise
         except BaseException as exc:
@@ -154,6 +172,9 @@ class Checkout:
             await close_quietly(session)
             if span is not None and not isinstance(exc, Skip):
                 span.failed_attempt(node, exc)
+            if blocked and isinstance(exc, TimeoutError):
+                self._note_blocked_loop(node)
+                raise CheckoutFailed(node, exc, blameless=True) from exc
             if isinstance(exc, Exception) and not isinstance(exc, Skip):
                 kind = classify(exc, during_checkout=True)
                 if kind in _RETRY_AT_CHECKOUT:
@@ -176,6 +197,19 @@ class Checkout:
             logger.warning("replica %s left recovery (promoted?); it serves no reads", node.name)
             self._on_node_down(node)
         raise NotInRecovery(node.name)
+
+    def _note_blocked_loop(self, node: Node) -> None:
+        """A BEGIN bound fired on a blocked event loop: retried, nobody marked down.
+        Logged at most once a minute: the fix is in the application, not the node."""
+        now = time.monotonic()
+        if now - self._blocked_warned_at >= 60.0:
+            self._blocked_warned_at = now
+            logger.warning(
+                "the event loop was blocked past a checkout's bound on %s %s (a "
+                "synchronous or CPU-bound call in a task?); retried, not marked down",
+                node.role.value,
+                node.name,
+            )
 
     def begin_bound(self, node: Node) -> float:
         """Seconds a proving round trip may take on ``node``: many times its usual

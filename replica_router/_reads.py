@@ -230,6 +230,7 @@ class Reads:
                     await self._verify_client_lsn(state, policy)
                 need = max(state.client_lsn, state.own_lsn)
         topology = self._topology
+        forgiven: list[Node] = []
 
         async def attempt(number: int) -> tuple[AsyncSession, Node]:
             nonlocal to_primary
@@ -255,6 +256,10 @@ class Reads:
                 except BaseException as exc:
                     if fallback:
                         self.fallback_in_flight -= 1
+                    if isinstance(exc, CheckoutFailed) and exc.blameless and node not in forgiven:
+                        # The event loop was blocked, not the node: it may be tried again.
+                        forgiven.append(node)
+                        tried.remove(node)
                     if not isinstance(exc, Skip):
                         raise
                     if span is not None:

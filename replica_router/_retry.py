@@ -24,6 +24,8 @@ STATEMENT_TIMEOUT           57014              never retried
 TIMEOUT                     client-side, out   a reader ejects the replica (it may hang) and
                             of a checkout      run_read re-runs elsewhere; never retried on
                                                the writer (during COMMIT: outcome unknown)
+(a blocked event loop)      a checkout's bound not the node's fault: retried, nobody is
+                            fired > 0.1 s late marked down (``fired_on_blocked_loop``)
 OTHER                       anything else      never retried
 ==========================  =================  ============================================
 
@@ -33,6 +35,7 @@ Nothing is ever re-run once a user's code has started, except by the explicit
 
 from __future__ import annotations
 
+import asyncio
 import enum
 
 from ._drivers import DRIVERS
@@ -43,6 +46,7 @@ __all__ = [
     "NODE_DOWN",
     "ErrorKind",
     "classify",
+    "fired_on_blocked_loop",
     "is_connection_error",
     "never_sent",
     "refusal",
@@ -94,6 +98,20 @@ NODE_DOWN = frozenset(
 )
 # Kinds after which a replica is ejected at once: it is down, or may hang.
 EJECTS_REPLICA = NODE_DOWN | {ErrorKind.TIMEOUT}
+
+
+# asyncio's debug mode calls a callback slow from 0.1 s (``slow_callback_duration``).
+_LOOP_BLOCKED = 0.1
+
+
+def fired_on_blocked_loop(deadline: float) -> bool:
+    """Whether a timeout due at ``deadline`` (loop time) fired on a blocked event loop.
+
+    A CPU-bound or synchronous call stalls every task; a timer then fires late, and
+    often before the loop reads an answer already waiting in the socket (uvloop runs
+    timers before it polls). Such a timeout measured the loop, not the server.
+    """
+    return asyncio.get_running_loop().time() - deadline > _LOOP_BLOCKED
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -1,0 +1,74 @@
+"""A blocked event loop is not a sick replica.
+
+A synchronous or CPU-bound call in any task stalls the whole loop. A checkout's BEGIN
+bound (at least 0.25 s) then fires late, on resume, often before the loop reads the
+answer already waiting in the socket (uvloop runs timers before it polls). Blaming
+the node ejected healthy replicas and sent every read to the primary whenever an
+application blocked its loop for a quarter of a second. Now such a timeout is retried
+on the same node and nobody is marked down; the counter-proof, with the check
+disabled, shows the ejection.
+
+The stall is made for real: the replica is frozen (SIGSTOP) while the BEGIN is in
+flight, a thread thaws it 50 ms later, and the test blocks the loop for 0.6 s, so the
+answer is in the socket long before the loop looks.
+"""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from replica_router import ReplicaRouter, RouterSettings, _retry
+from replica_router.testing import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+# Probes once at start, then (practically) never: only the checkout can judge.
+NO_PROBES = RouterSettings.defaults(health_interval=3600, read_your_writes="off")
+
+
+async def a_read_across_a_blocked_loop(cluster: LocalCluster) -> tuple[str, bool, int]:
+    """Where the read ran, whether replica-1 is healthy after, and its failure count."""
+    async with ReplicaRouter(
+        cluster.primary_url, cluster.replica_urls[:1], settings=NO_PROBES
+    ) as router:
+        for _ in range(5):  # a known latency: the BEGIN bound is its 0.25 s floor
+            async with router.reader_session() as db:
+                await db.execute(text("SELECT 1"))
+
+        async def read() -> str:
+            async with router.reader_session() as db:
+                recovery = (await db.execute(text("SELECT pg_is_in_recovery()"))).scalar_one()
+                return "replica" if recovery else "primary"
+
+        thaw = threading.Timer(0.05, cluster.thaw_node, ["replica-1"])
+        cluster.freeze_node("replica-1")
+        try:
+            task = asyncio.create_task(read())
+            await asyncio.sleep(0.05)  # the BEGIN is sent; the frozen server holds it
+            thaw.start()
+            time.sleep(0.6)  # noqa: ASYNC251 - the application blocks its loop
+        finally:
+            thaw.cancel()
+            cluster.thaw_node("replica-1")  # idempotent; never leave it frozen
+        where = await task
+        node = router.status().node("replica-1")
+        return where, node.healthy, router.replicas[0].state.checkout_failures
+
+
+@pytest.mark.parametrize("replica_cluster", ["asyncpg", "psycopg"], indirect=True)
+async def test_a_blocked_loop_neither_ejects_the_replica_nor_moves_the_read(
+    replica_cluster: LocalCluster,
+) -> None:
+    where, healthy, failures = await a_read_across_a_blocked_loop(replica_cluster)
+    assert (where, healthy, failures) == ("replica", True, 0)
+
+
+async def test_counter_proof_blaming_the_node_ejects_a_healthy_replica(
+    replica_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_retry, "_LOOP_BLOCKED", float("inf"))
+    where, healthy, failures = await a_read_across_a_blocked_loop(replica_cluster)
+    assert (where, healthy, failures) == ("primary", False, 1)
