@@ -29,6 +29,7 @@ from ._schema import SCHEMA
 
 BENCHMARKS = (
     "overhead",
+    "paired",
     "profile",
     "drivers",
     "faults",

@@ -9,6 +9,13 @@ time waited. Runs on uvloop when it is installed, as the app does, to spend less
 beside the server it loads.
 
     python -m benchmarks._loadgen --base http://127.0.0.1:8000 --out load.json --seconds 10
+
+With several ``--base`` and ``--slice S``, time is cut into slices of S seconds and
+slice k loads base k mod n with every connection (each connection keeps one socket
+per base): a paired comparison of servers whose slices alternate faster than the
+machine's own speed drifts (other tenants, frequency), which a round of 15 s per
+variant cannot cancel. A slice starts only once the previous one's requests are done,
+so two servers are never loaded at once. Each record then ends with its base's index.
 """
 
 from __future__ import annotations
@@ -85,17 +92,53 @@ class Connection:
         self.reader = self.writer = None
 
 
+class Slices:
+    """Which base a request goes to: one base at a time, switched every ``length`` s."""
+
+    def __init__(self, bases: int, length: float, started: float) -> None:
+        self.bases, self.length, self.started = bases, length, started
+        self.in_flight = [0] * bases
+        self._idle = [asyncio.Event() for _ in range(bases)]
+        for idle in self._idle:
+            idle.set()
+
+    async def target(self) -> int:
+        """The base of the current slice, once no request to another is in flight."""
+        if self.bases == 1:
+            return 0
+        while True:
+            current = int((time.monotonic() - self.started) / self.length) % self.bases
+            busy = [e for i, e in enumerate(self._idle) if i != current and not e.is_set()]
+            if not busy:
+                return current
+            await busy[0].wait()
+
+    def begin(self, target: int) -> None:
+        self.in_flight[target] += 1
+        self._idle[target].clear()
+
+    def end(self, target: int) -> None:
+        self.in_flight[target] -= 1
+        if not self.in_flight[target]:
+            self._idle[target].set()
+
+
 async def _worker(
     index: int,
-    conn: Connection,
+    conns: list[Connection],
     args: argparse.Namespace,
     deadline: list[float],
     records: list[list[Any]],
     acked: list[str],
     sent: list[str],
+    slices: Slices,
 ) -> None:
     paths: list[str] = args.read_path or ["/items/"]
     for n in itertools.count():
+        if time.monotonic() >= deadline[0]:
+            break
+        target = await slices.target()
+        conn = conns[target]
         start = time.monotonic()
         if start >= deadline[0]:
             break
@@ -107,6 +150,7 @@ async def _worker(
         else:
             which = n % len(paths)
             method, path = "GET", f"{paths[which]}{(index * 7919 + n * 31) % args.ids + 1}"
+        slices.begin(target)
         try:
             async with asyncio.timeout(args.timeout):  # no task per request, as wait_for
                 status, _ = await conn.request(method, path)
@@ -116,13 +160,16 @@ async def _worker(
         except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError):
             conn.close()
             status = CONNECTION_ERROR
+        finally:
+            slices.end(target)
         latency = time.monotonic() - start
-        records.append([start, latency, status, which])
+        records.append([start, latency, status, which, target])
         if key and 200 <= status < 300:
             acked.append(key)
         if status == CONNECTION_ERROR:
             await asyncio.sleep(0.01)  # do not spin on a refused connection
-    conn.close()
+    for conn in conns:
+        conn.close()
 
 
 async def _spread_over_workers(
@@ -160,19 +207,23 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     records: list[list[Any]] = []
     acked: list[str] = []
     sent: list[str] = []
-    url = urlsplit(args.base)
+    urls = [urlsplit(base) for base in args.base]
     conns = [
-        Connection(url.hostname or "127.0.0.1", url.port or 80) for _ in range(args.concurrency)
+        [Connection(url.hostname or "127.0.0.1", url.port or 80) for url in urls]
+        for _ in range(args.concurrency)
     ]
     held: dict[int, int] = {}
     if args.workers > 1:
-        held = await _spread_over_workers(conns, args.workers, args.ready_path, args.timeout)
+        held = await _spread_over_workers(
+            [c[0] for c in conns], args.workers, args.ready_path, args.timeout
+        )
     started = time.monotonic()
     deadline = [started + args.seconds]
+    slices = Slices(len(urls), args.slice or args.seconds, started)
     # SIGUSR1 ends the run early (each worker finishes its request in flight).
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, deadline.__setitem__, 0, 0.0)
     await asyncio.gather(
-        *(_worker(i, conn, args, deadline, records, acked, sent) for i, conn in enumerate(conns))
+        *(_worker(i, c, args, deadline, records, acked, sent, slices) for i, c in enumerate(conns))
     )
     seconds = time.monotonic() - started
     cpu = sum(os.times()[:2])
@@ -188,7 +239,10 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base", required=True)
+    parser.add_argument("--base", action="append", required=True)
+    parser.add_argument(
+        "--slice", type=float, default=0.0, help="with several --base: seconds per slice"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=16)
