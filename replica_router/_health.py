@@ -25,6 +25,7 @@ from typing import Any
 
 from ._drivers import ProbeConnection
 from ._nodes import Node, Role, Topology
+from ._retry import fired_on_blocked_loop
 from ._settings import RouterSettings
 
 __all__ = ["HealthChecker", "ProbeResult", "describe", "update_eligibility"]
@@ -180,6 +181,7 @@ class HealthChecker:
         "_primary_server",
         "_primary_started",
         "_settings",
+        "_stalled",
         "_stopping",
         "_tasks",
         "_topology",
@@ -207,6 +209,8 @@ class HealthChecker:
         self._primary_live = False
         self._tasks: dict[Node, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        # Nodes whose last probe timed out on a blocked event loop (not held against them).
+        self._stalled: set[Node] = set()
         self.probes = 0
 
     @property
@@ -289,16 +293,30 @@ class HealthChecker:
         """Probe one node and fold the result into its state."""
         state = node.state
         generation = state.generation
+        timeout = self._settings.health_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            result = await asyncio.wait_for(self._query(node), self._settings.health_timeout)
+            result = await asyncio.wait_for(self._query(node), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._drop_connection(node)
+            if (
+                isinstance(exc, TimeoutError)
+                and node not in self._stalled
+                and fired_on_blocked_loop(deadline)
+            ):
+                # The loop was blocked past the bound: the next probe decides. Only
+                # once in a row, so a loop that is always late cannot hide a dead node.
+                self._stalled.add(node)
+                logger.info("a blocked event loop cut the probe of %s", node.name)
+                return
+            self._stalled.discard(node)
             self._failed(node, exc)
             return
         finally:
             self.probes += 1
+        self._stalled.discard(node)
         self._succeeded(node, result, generation)
 
     async def _query(self, node: Node) -> ProbeResult:

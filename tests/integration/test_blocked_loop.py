@@ -1,4 +1,4 @@
-"""A blocked event loop is not a sick replica.
+"""A blocked event loop is not a sick replica (checkouts and health probes).
 
 A synchronous or CPU-bound call in any task stalls the whole loop. A checkout's BEGIN
 bound (at least 0.25 s) then fires late, on resume, often before the loop reads the
@@ -72,3 +72,46 @@ async def test_counter_proof_blaming_the_node_ejects_a_healthy_replica(
     monkeypatch.setattr(_retry, "_LOOP_BLOCKED", float("inf"))
     where, healthy, failures = await a_read_across_a_blocked_loop(replica_cluster)
     assert (where, healthy, failures) == ("primary", False, 1)
+
+
+async def a_probe_across_a_blocked_loop(cluster: LocalCluster, probes: int) -> bool:
+    """Whether replica-1 is still up after ``probes`` probes, each cut by a blocked loop."""
+    settings = RouterSettings.defaults(
+        health_interval=3600, health_timeout=0.3, read_your_writes="off"
+    )
+    async with ReplicaRouter(
+        cluster.primary_url, cluster.replica_urls[:1], settings=settings
+    ) as router:
+        node = router.replicas[0]
+        assert node.state.up
+        for _ in range(probes):
+            thaw = threading.Timer(0.05, cluster.thaw_node, ["replica-1"])
+            cluster.freeze_node("replica-1")
+            try:
+                probe = asyncio.create_task(router._health.probe(node))
+                await asyncio.sleep(0.05)  # the probe's query is sent
+                thaw.start()
+                time.sleep(0.6)  # noqa: ASYNC251 - past the probe's 0.3 s bound
+            finally:
+                thaw.cancel()
+                cluster.thaw_node("replica-1")
+            await probe
+        return node.state.up
+
+
+async def test_a_probe_cut_by_a_blocked_loop_does_not_mark_the_replica_down(
+    replica_cluster: LocalCluster,
+) -> None:
+    assert await a_probe_across_a_blocked_loop(replica_cluster, probes=1)
+
+
+async def test_two_cut_probes_in_a_row_do_mark_it_down(replica_cluster: LocalCluster) -> None:
+    # A loop that is always late must not hide a node that really hangs.
+    assert not await a_probe_across_a_blocked_loop(replica_cluster, probes=2)
+
+
+async def test_counter_proof_a_probe_cut_by_a_blocked_loop_marked_the_replica_down(
+    replica_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_retry, "_LOOP_BLOCKED", float("inf"))
+    assert not await a_probe_across_a_blocked_loop(replica_cluster, probes=1)
