@@ -26,7 +26,14 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.engine import URL
 
-__all__ = ["Member", "dns_name", "fetch_patroni_members", "pick_addresses", "resolve_addresses"]
+__all__ = [
+    "Member",
+    "dns_name",
+    "fetch_patroni_members",
+    "member_url",
+    "pick_addresses",
+    "resolve_addresses",
+]
 
 logger = logging.getLogger("replica_router.discovery")
 
@@ -123,6 +130,13 @@ def _members(document: object) -> list[Member]:
             )
         )
     return found
+
+
+def member_url(primary: URL, member: Member) -> URL:
+    """A member's URL: the primary's driver, credentials and database, the member's
+    address (without the primary's multi-host or ``target_session_attrs`` options)."""
+    base = primary.difference_update_query(["host", "port", "target_session_attrs"])
+    return base.set(host=member.host, port=member.port)
 
 
 async def fetch_patroni_members(addresses: Sequence[str], seconds: float) -> list[Member]:

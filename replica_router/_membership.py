@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from ._discovery import Member, dns_name, fetch_patroni_members, resolve_addresses
+from ._discovery import Member, dns_name, fetch_patroni_members, member_url, resolve_addresses
 from ._health import HealthChecker, update_eligibility
 from ._nodes import Node, Role, Topology, build_node, dispose_node
 from ._settings import RouterSettings
@@ -221,10 +221,7 @@ class Membership:
 
     def _member_wanted(self, member: Member) -> _Wanted:
         """A member's URL: the primary's credentials and database, the member's address."""
-        base = self._topology.primary.url.difference_update_query(
-            ["host", "port", "target_session_attrs"]
-        )
-        url = base.set(host=member.host, port=member.port)
+        url = member_url(self._topology.primary.url, member)
         return _Wanted(
             parse_url(url, what=f"Patroni member {member.name}"), member.name, 1.0, member.lag_bytes
         )

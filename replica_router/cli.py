@@ -6,7 +6,10 @@ reachable, in recovery, lag behind the primary, server version. It exits 0 when
 every node is reachable and in the role it is configured as, 1 otherwise, and 2
 when the settings are invalid (an unknown ``REPLICA_ROUTER_*`` variable too). No
 replicas is a problem unless asked for: ``REPLICA_ROUTER_REPLICA_URLS`` set, and
-empty. ``--json`` prints the same as JSON.
+empty. With ``REPLICA_ROUTER_PATRONI_URL`` the replicas are Patroni's streaming
+members (what the router would find), and with ``REPLICA_ROUTER_DNS_DISCOVERY`` a
+host that resolves to several addresses is one node per address, as in the router.
+``--json`` prints the same as JSON.
 
 ``replica-router demo`` starts a local primary and replicas, an example app and
 live traffic, injects faults and shows the router reacting (see ``--help``).
@@ -31,6 +34,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from ._discovery import dns_name, fetch_patroni_members, member_url, resolve_addresses
 from ._drivers import ProbeConnection, driver_for
 from ._exceptions import ConfigurationError
 from ._health import describe
@@ -171,13 +175,15 @@ async def check(
             settings.primary_url,
         )
     ]
-    for index, raw in enumerate(settings.replica_urls, start=1):
-        url, name, _ = split_replica_options(raw, what=f"replica {index}")
-        targets.append(
-            (NodeCheck(name or f"replica-{index}", Role.REPLICA.value, mask_url(url)), url)
-        )
-    result = CheckResult([node for node, _ in targets])
-    if not settings.replica_urls:
+    notes: list[str] = []
+    problems: list[str] = []
+    replicas = await _replica_targets(
+        settings, settings.primary_url, seconds, env_prefix, notes, problems
+    )
+    for name, url in replicas:
+        targets.append((NodeCheck(name, Role.REPLICA.value, mask_url(url)), url))
+    result = CheckResult([node for node, _ in targets], problems=problems, notes=notes)
+    if not settings.replica_urls and not settings.patroni_url:
         variable = f"{env_prefix}REPLICA_URLS"
         if "replica_urls" in settings.model_fields_set:  # set, and empty: as asked
             result.notes.append(
@@ -290,6 +296,60 @@ def format_table(result: CheckResult) -> str:
     else:
         lines.append(f"failed: no replicas configured ({len(result.nodes)} nodes reachable)")
     return "\n".join(lines)
+
+
+async def _replica_targets(
+    settings: RouterSettings,
+    primary: URL,
+    seconds: float,
+    prefix: str,
+    notes: list[str],
+    problems: list[str],
+) -> list[tuple[str, URL]]:
+    """The replicas as the router would find them: the configured URLs, or Patroni's
+    streaming members; with DNS discovery, one per address."""
+    found: list[tuple[str, URL]] = []
+    if settings.patroni_url:
+        try:
+            members = await fetch_patroni_members(settings.patroni_url, seconds)
+        except OSError as exc:
+            problems.append(f"{prefix}PATRONI_URL: {exc}; the router would keep no replicas")
+            return []
+        leader = next((m for m in members if m.leader), None)
+        readable = [m for m in members if m.readable]
+        notes.append(
+            f"Patroni lists {len(members)} members: leader "
+            f"{leader.name if leader else 'none'}, {len(readable)} streaming replica(s)"
+            + "".join(
+                f"; {m.name} is not streaming" for m in members if not m.leader and not m.streaming
+            )
+        )
+        if not readable:
+            problems.append(
+                "Patroni lists no streaming replica: every read would go to the primary"
+            )
+        found = [(m.name, member_url(primary, m)) for m in readable]
+    else:
+        for index, raw in enumerate(settings.replica_urls, start=1):
+            url, name, _ = split_replica_options(raw, what=f"replica {index}")
+            found.append((name or f"replica-{index}", url))
+    if not settings.dns_discovery:
+        return found
+    expanded: list[tuple[str, URL]] = []
+    for name, url in found:
+        host = dns_name(url)
+        if host is None:
+            expanded.append((name, url))
+            continue
+        try:
+            async with asyncio.timeout(seconds):
+                addresses = await resolve_addresses(host, url.port or 5432)
+        except OSError as exc:  # socket.gaierror, and TimeoutError
+            problems.append(f"{name}: {host} does not resolve ({str(exc) or type(exc).__name__})")
+            expanded.append((name, url))
+            continue
+        expanded += [(f"{name}@{address}", url.set(host=address)) for address in addresses]
+    return expanded
 
 
 def _run_check(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from replica_router.cli import main
-from replica_router.testing import LocalCluster
+from replica_router.testing import LocalCluster, PatroniCluster
 from replica_router.testing.pytest_plugin import heal
 
 pytestmark = pytest.mark.integration
@@ -179,6 +180,46 @@ def test_check_without_replicas_says_so(
         "ok: 1 nodes reachable and in their configured roles; no replicas, so every read "
         "goes to the primary"
     )
+
+
+def test_check_follows_patroni(
+    patroni_cluster: PatroniCluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # With PATRONI_URL the replicas are Patroni's streaming members, as the router finds
+    # them; REPLICA_URLS unset is no problem then.
+    cluster = patroni_cluster
+    for member in cluster.members:  # an earlier test may have crashed or killed some
+        if not cluster.is_running(member.name):
+            cluster.start_node(member.name, wait=False)
+    leader = cluster.wait_healthy(180.0)
+    for name in list(os.environ):
+        if name.startswith("REPLICA_ROUTER_") and name != "REPLICA_ROUTER_PG_BIN":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPLICA_ROUTER_PRIMARY_URL", cluster.primary_url)
+    monkeypatch.setenv("REPLICA_ROUTER_PATRONI_URL", ",".join(cluster.patroni_urls))
+    assert run_cli("check") == 0
+    out = capsys.readouterr().out
+    replicas = {m.name for m in cluster.members} - {leader}
+    rows = {line.split()[0] for line in out.splitlines()[1:] if line.split()}
+    assert replicas <= rows, out
+    assert f"Patroni lists 3 members: leader {leader}, 2 streaming replica(s)" in out
+
+
+def test_check_says_when_no_patroni_api_answers(
+    configured: LocalCluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("REPLICA_ROUTER_REPLICA_URLS")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("REPLICA_ROUTER_PATRONI_URL", f"http://127.0.0.1:{port}")
+    assert run_cli("check") == 1
+    out = capsys.readouterr().out
+    assert "REPLICA_ROUTER_PATRONI_URL: no Patroni REST API answered" in out, out
 
 
 @pytest.mark.parametrize(

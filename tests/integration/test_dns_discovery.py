@@ -15,6 +15,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from sqlalchemy.pool import QueuePool
 
 from replica_router import ReplicaRouter, RouterSettings
 from replica_router._nodes import Node
+from replica_router.cli import main
 from replica_router.testing import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -249,3 +251,27 @@ async def test_a_name_that_does_not_resolve_keeps_its_nodes(
         assert set(await servers(router)) == set(ADDRESSES)
     failures = [r for r in caplog.records if "did not resolve" in r.getMessage()]
     assert len(failures) == 2  # once at start, once for the blip: not every interval
+
+
+def test_check_expands_the_name_as_the_router_does(
+    dns_cluster: LocalCluster,
+    hosts_name: HostsName,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    hosts_name.set(*ADDRESSES)
+    for name in list(os.environ):
+        if name.startswith("REPLICA_ROUTER_") and name not in (
+            "REPLICA_ROUTER_PG_BIN",
+            "REPLICA_ROUTER_PG_USER",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("REPLICA_ROUTER_PRIMARY_URL", dns_cluster.primary_url)
+    monkeypatch.setenv("REPLICA_ROUTER_REPLICA_URLS", hosts_name.url(dns_cluster))
+    monkeypatch.setenv("REPLICA_ROUTER_DNS_DISCOVERY", "true")
+    with ThreadPoolExecutor(max_workers=1) as pool:  # asyncio.run, away from pytest's loop
+        assert pool.submit(main, ["check"]).result(timeout=60) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines()[1:] if line.startswith("replica-")]
+    assert rows == [f"replica-1@{address}" for address in ADDRESSES], out
+    assert "ok: 3 nodes reachable" in out
