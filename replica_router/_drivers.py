@@ -53,6 +53,10 @@ class Driver(Protocol):
     name: str
     # SQLAlchemy's drivername, ``postgresql+asyncpg``.
     drivername: str
+    # SQLAlchemy's checkout of an idle pooled connection awaits nothing with this
+    # adapter (its read-only flag and isolation level are plain attributes), so it can
+    # run outside a greenlet.
+    checkout_without_io: bool
 
     def lost_connection(self, error: BaseException) -> bool:
         """Whether this driver's exception (not SQLAlchemy's wrapper) means the
@@ -163,6 +167,7 @@ class AsyncpgDriver:
 
     name = "asyncpg"
     drivername = "postgresql+asyncpg"
+    checkout_without_io = True
     # asyncpg's "connection was closed in the middle of operation" and friends.
     _LOST = frozenset({"ConnectionDoesNotExistError", "ConnectionFailureError"})
 

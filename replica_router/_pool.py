@@ -83,6 +83,12 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
         # Never blocks: a pool never holds more than maxsize idle entries.
         self.put_nowait(item)
 
+    def peek(self) -> T | None:
+        """The entry ``get`` would return now without waiting, left in place."""
+        if not self._items or self._waiters:
+            return None
+        return self._items[-1] if self.use_lifo else self._items[0]
+
     def get_nowait(self) -> T:
         if not self._items:
             raise _sa_queue.Empty()

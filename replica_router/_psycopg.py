@@ -67,6 +67,9 @@ class PsycopgDriver:
 
     name = "psycopg"
     drivername = "postgresql+psycopg"
+    # Its adapter awaits psycopg to set a connection's read-only flag (the primary's
+    # reader sessions, at every checkout).
+    checkout_without_io = False
 
     def lost_connection(self, error: BaseException) -> bool:
         # psycopg raises OperationalError without a SQLSTATE for a connection that
