@@ -365,10 +365,11 @@ async def close_session(node: Node, session: AsyncSession) -> None:
     sync = session.sync_session
     transaction = sync.get_transaction()
     if transaction is not None:
-        fairy = _sole_connection(transaction)
-        if fairy is None:
+        sole = _sole_connection(transaction)
+        if sole is None:
             await close_quietly(session)
             return
+        fairy, queue = sole
         try:
             sent = await node.driver.rollback(fairy)
         except BaseException as exc:
@@ -380,7 +381,7 @@ async def close_session(node: Node, session: AsyncSession) -> None:
         if not sent:
             await close_quietly(session)
             return
-        if _sole_connection(transaction) is None:
+        if not queue.takes_without_closing():
             # Other sessions ran meanwhile and filled the pool: closing this
             # connection is I/O.
             await close_quietly(session)
@@ -434,9 +435,10 @@ def _checkout_without_io(node: Node, session: Session) -> bool:
     return not (dispatch.engine_connect or dispatch.begin or session.dispatch.after_begin)
 
 
-def _sole_connection(transaction: SessionTransaction) -> Any:
+def _sole_connection(transaction: SessionTransaction) -> tuple[Any, HandOffQueue[Any]] | None:
     """The pooled connection of a session transaction whose close needs no I/O once
-    its rollback was sent, or None."""
+    its rollback was sent, and its pool's queue (to ask again after the rollback, when
+    other sessions may have filled it); or None."""
     connections = getattr(transaction, "_connections", None)
     if transaction.nested or transaction.parent is not None or not connections:
         return None
@@ -449,7 +451,7 @@ def _sole_connection(transaction: SessionTransaction) -> Any:
     queue = getattr(conn.engine.pool, "_pool", None)
     if not isinstance(queue, HandOffQueue) or not queue.takes_without_closing():
         return None
-    return conn.connection
+    return conn.connection, queue
 
 
 async def close_quietly(session: AsyncSession) -> None:

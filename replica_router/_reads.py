@@ -17,8 +17,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -40,7 +41,7 @@ from ._settings import RouterSettings
 from ._status import ReadPolicyStatus
 from ._tracing import CheckoutSpan
 
-__all__ = ["Reads"]
+__all__ = ["ReaderScope", "Reads"]
 
 logger = logging.getLogger("replica_router")
 
@@ -180,37 +181,14 @@ class Reads:
 
     # -- sessions ----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def session(
+    def session(
         self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
-    ) -> AsyncIterator[AsyncSession]:
+    ) -> ReaderScope:
         """A read-only session on the node this read is routed to.
 
         ``tried`` collects the nodes attempted (``run_read`` moves on from them).
         """
-        trace = self._checkout.trace
-        if trace is None:
-            session, node = await self._checkout_reader(tried, policy, state)
-        else:
-            with trace.reader(policy, self._topology) as span:
-                session, node = await self._checkout_reader(tried, policy, state, span)
-        node.state.sessions += 1
-        fallback = self._is_fallback(node)
-        try:
-            yield session
-        except BaseException as exc:
-            if node.role is Role.REPLICA and isinstance(exc, Exception):
-                kind = classify(exc)
-                if kind in EJECTS_REPLICA:
-                    # Lost, or hung past READ_TIMEOUT: no more reads there until probes
-                    # readmit it, and this connection is dropped, not rolled back.
-                    self._checkout.note_failure(node, exc, kind)
-                    await abort(node, session)
-            raise
-        finally:
-            if fallback:
-                self.fallback_in_flight -= 1
-            await self._checkout.release(node, session)  # a reader holds nothing else
+        return ReaderScope(self, tried, policy, state)
 
     async def _checkout_reader(
         self,
@@ -442,3 +420,55 @@ class Reads:
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.02)
             waited = True
+
+
+class ReaderScope(AbstractAsyncContextManager[AsyncSession]):
+    """``async with`` a reader session: checked out on entry, released on exit; an
+    error that says the replica is lost (or hung past ``READ_TIMEOUT``) ejects it and
+    drops the connection instead of rolling it back. A class, not a generator: every
+    read goes through it."""
+
+    __slots__ = ("_fallback", "_node", "_policy", "_reads", "_session", "_state", "_tried")
+
+    def __init__(
+        self,
+        reads: Reads,
+        tried: list[Node],
+        policy: ReadPolicy,
+        state: ConsistencyState | None,
+    ) -> None:
+        self._reads, self._tried, self._policy, self._state = reads, tried, policy, state
+
+    async def __aenter__(self) -> AsyncSession:
+        reads = self._reads
+        trace = reads._checkout.trace
+        if trace is None:
+            session, node = await reads._checkout_reader(self._tried, self._policy, self._state)
+        else:
+            with trace.reader(self._policy, reads._topology) as span:
+                session, node = await reads._checkout_reader(
+                    self._tried, self._policy, self._state, span
+                )
+        node.state.sessions += 1
+        self._session, self._node, self._fallback = session, node, reads._is_fallback(node)
+        return session
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        reads, node, session = self._reads, self._node, self._session
+        try:
+            if isinstance(exc, Exception) and node.role is Role.REPLICA:
+                kind = classify(exc)
+                if kind in EJECTS_REPLICA:
+                    # Lost, or hung past READ_TIMEOUT: no more reads there until probes
+                    # readmit it, and this connection is dropped, not rolled back.
+                    reads._checkout.note_failure(node, exc, kind)
+                    await abort(node, session)
+        finally:
+            if self._fallback:
+                reads.fallback_in_flight -= 1
+            await reads._checkout.release(node, session)  # a reader holds nothing else
