@@ -43,6 +43,12 @@ def greenlet_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+def one_replica(cluster: LocalCluster, **options: Any) -> ReplicaRouter:
+    return ReplicaRouter(
+        cluster.primary_url, cluster.replica_urls[:1], settings=NO_PROBES, **options
+    )
+
+
 async def reads(router: ReplicaRouter, count: int) -> list[object]:
     """Where ``count`` reads ran (``pg_is_in_recovery()``), one after the other."""
     seen = []
@@ -55,9 +61,7 @@ async def reads(router: ReplicaRouter, count: int) -> list[object]:
 async def test_an_idle_pooled_connection_is_taken_without_a_greenlet(
     replica_cluster: LocalCluster, greenlet_checkouts: list[str]
 ) -> None:
-    async with ReplicaRouter(
-        replica_cluster.primary_url, replica_cluster.replica_urls[:1], settings=NO_PROBES
-    ) as router:
+    async with one_replica(replica_cluster) as router:
         assert await reads(router, 1) == [True]
         assert greenlet_checkouts == ["greenlet"]  # the pool was empty: a connect
         assert await reads(router, 5) == [True] * 5
@@ -72,12 +76,7 @@ async def test_an_idle_pooled_connection_is_taken_without_a_greenlet(
 async def test_a_checkout_that_may_do_io_keeps_its_greenlet(
     replica_cluster: LocalCluster, greenlet_checkouts: list[str], engine_options: dict[str, Any]
 ) -> None:
-    async with ReplicaRouter(
-        replica_cluster.primary_url,
-        replica_cluster.replica_urls[:1],
-        settings=NO_PROBES,
-        engine_options=engine_options,
-    ) as router:
+    async with one_replica(replica_cluster, engine_options=engine_options) as router:
         await reads(router, 1)
         greenlet_checkouts.clear()
         if "pool_recycle" in engine_options:
@@ -99,11 +98,8 @@ async def test_a_session_listener_that_runs_a_statement_keeps_its_greenlet(
         connection.execute(text("SET LOCAL statement_timeout = '4s'"))
 
     event.listen(TimedSession, "after_begin", set_timeout)
-    async with ReplicaRouter(
-        replica_cluster.primary_url,
-        replica_cluster.replica_urls[:1],
-        settings=NO_PROBES,
-        session_options={"sync_session_class": TimedSession},
+    async with one_replica(
+        replica_cluster, session_options={"sync_session_class": TimedSession}
     ) as router:
         for _ in range(3):
             async with router.reader_session() as db:
@@ -116,8 +112,6 @@ async def test_a_session_listener_that_runs_a_statement_keeps_its_greenlet(
 async def test_psycopg_keeps_its_greenlet(
     replica_cluster: LocalCluster, greenlet_checkouts: list[str]
 ) -> None:
-    async with ReplicaRouter(
-        replica_cluster.primary_url, replica_cluster.replica_urls[:1], settings=NO_PROBES
-    ) as router:
+    async with one_replica(replica_cluster) as router:
         assert await reads(router, 3) == [True] * 3
         assert greenlet_checkouts == ["greenlet"] * 3
