@@ -64,24 +64,27 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
     def qsize(self) -> int:
         return len(self._items)
 
-    def put_nowait(self, item: T) -> None:
+    # The methods SQLAlchemy's pool calls (``put``, ``get``) hold the work themselves:
+    # every checkout and checkin of every node runs them.
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        # Never blocks: a pool never holds more than maxsize idle entries.
         waiters = self._waiters
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():  # a waiter that timed out or was cancelled is skipped
                 waiter.set_result(item)
                 return
-        if self.full():
+        if 0 < self.maxsize <= len(self._items):
             raise _sa_queue.Full()
         self._items.append(item)
 
+    def put_nowait(self, item: T) -> None:
+        self.put(item)
+
     def takes_without_closing(self) -> bool:
         """Whether an entry put now is kept or handed on (a full pool closes it)."""
-        return bool(self._waiters) or not self.full()
-
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        # Never blocks: a pool never holds more than maxsize idle entries.
-        self.put_nowait(item)
+        return bool(self._waiters) or not 0 < self.maxsize <= len(self._items)
 
     def peek(self) -> T | None:
         """The entry ``get`` would return now without waiting, left in place."""
@@ -90,13 +93,14 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
         return self._items[-1] if self.use_lifo else self._items[0]
 
     def get_nowait(self) -> T:
-        if not self._items:
-            raise _sa_queue.Empty()
-        return self._items.pop() if self.use_lifo else self._items.popleft()
+        return self.get(block=False)
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
-        if self._items or not block:
-            return self.get_nowait()
+        items = self._items
+        if items:
+            return items.pop() if self.use_lifo else items.popleft()
+        if not block:
+            raise _sa_queue.Empty()
         result: T = _await(self._wait(timeout))
         return result
 
