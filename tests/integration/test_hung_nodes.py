@@ -31,7 +31,10 @@ from replica_router.testing import LocalCluster
 pytestmark = pytest.mark.integration
 
 OUTAGE = 8.0  # longer than the default 5 s lag bound
-SETTINGS = RouterSettings.defaults(health_interval=0.5, health_timeout=1.0)
+# A write that begins during the outage fails within 3 connect attempts of 1 s (with a
+# 3 s CONNECT_TIMEOUT, a loaded machine's longer BEGIN bounds outlasted the outage, and
+# the write succeeded once the primary was back).
+SETTINGS = RouterSettings.defaults(health_interval=0.5, health_timeout=1.0, connect_timeout=1.0)
 READ_TIMEOUT = 2.0
 
 
@@ -57,7 +60,10 @@ class Load:
 
 
 async def run_load(
-    router: ReplicaRouter, fault: "asyncio.Future[None]", stop: asyncio.Event
+    router: ReplicaRouter,
+    fault: "asyncio.Future[None]",
+    stop: asyncio.Event,
+    broken: asyncio.Event | None = None,
 ) -> Load:
     load = Load()
     async with router.writer_session() as db:  # a position every replica will hold
@@ -81,9 +87,12 @@ async def run_load(
                 counter[type(exc).__name__] += 1
             await asyncio.sleep(0.01)
 
-    async def writer(index: int) -> None:
+    async def writer(index: int, during_fault: bool = False) -> None:
         n = 0
-        while not stop.is_set():
+        if during_fault:  # starts once the node is broken: some writes must begin then
+            assert broken is not None
+            await broken.wait()
+        while not stop.is_set() and not (during_fault and fault.done()):
             key = f"{index}-{n}"
             n += 1
             started = time.monotonic()
@@ -106,7 +115,9 @@ async def run_load(
 
     tasks = [spawn(reader(False)) for _ in range(4)]
     tasks += [spawn(reader(True)) for _ in range(2)]
-    tasks += [spawn(writer(i)) for i in range(4)]  # some are between writes at the fault
+    tasks += [spawn(writer(i)) for i in range(4)]  # often all in flight at the fault
+    if broken is not None:
+        tasks.append(spawn(writer(4, during_fault=True)))
     await asyncio.gather(*tasks)
     return load
 
@@ -114,8 +125,9 @@ async def run_load(
 async def outage(cluster: LocalCluster, how: str, router: ReplicaRouter) -> tuple[Load, float]:
     """Load, then the primary frozen or killed for OUTAGE seconds, then load again."""
     stop = asyncio.Event()
+    broken = asyncio.Event()
     healed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    running = asyncio.create_task(run_load(router, healed, stop))
+    running = asyncio.create_task(run_load(router, healed, stop, broken))
     await asyncio.sleep(1.0)
     # The hard case, made certain: the last commits before the outage never reached
     # the replicas (their WAL senders hung first), and the router saw their position.
@@ -134,6 +146,9 @@ async def outage(cluster: LocalCluster, how: str, router: ReplicaRouter) -> tupl
         await asyncio.to_thread(cluster.freeze_node, "primary")
     else:
         await asyncio.to_thread(cluster.kill_node, "primary")
+    # Writers in flight at the fault wait it out (a frozen primary may yet commit);
+    # one that begins a write now must fail within its bounds.
+    broken.set()
     await asyncio.sleep(OUTAGE)
     if how == "freeze":
         await asyncio.to_thread(cluster.thaw_node, "primary")  # the WAL senders too
