@@ -1,5 +1,6 @@
 """The ``replica-router`` command line against real servers: ``check`` and ``demo``."""
 
+import asyncio
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from replica_router._discovery import Member, fetch_patroni_members
 from replica_router.cli import main
 from replica_router.testing import LocalCluster, PatroniCluster
 from replica_router.testing.pytest_plugin import heal
@@ -182,6 +184,12 @@ def test_check_without_replicas_says_so(
     )
 
 
+def patroni_members(cluster: PatroniCluster) -> list[Member]:
+    """The members Patroni's REST API lists (in a thread, as ``run_cli``)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, fetch_patroni_members(cluster.patroni_urls, 5.0)).result()
+
+
 def test_check_follows_patroni(
     patroni_cluster: PatroniCluster,
     monkeypatch: pytest.MonkeyPatch,
@@ -195,6 +203,11 @@ def test_check_follows_patroni(
         if not cluster.is_running(member.name):
             cluster.start_node(member.name, wait=False)
     leader = cluster.wait_healthy(180.0)
+    # Patroni's own view (its REST API, what check reads) catches up a loop later.
+    deadline = time.monotonic() + 60
+    while len([m for m in patroni_members(cluster) if m.readable]) < 2:
+        assert time.monotonic() < deadline, "Patroni never listed two streaming replicas"
+        time.sleep(0.5)
     for name in list(os.environ):
         if name.startswith("REPLICA_ROUTER_") and name != "REPLICA_ROUTER_PG_BIN":
             monkeypatch.delenv(name)
