@@ -52,6 +52,7 @@ __all__ = [
     "Skip",
     "abort",
     "close_quietly",
+    "close_session",
     "query_value",
     "raw_connection",
 ]
@@ -165,8 +166,8 @@ class Checkout:
                     # asyncio.timeout, not wait_for: no extra task per request.
                     async with asyncio.timeout(self.begin_bound(node)) as bound:
                         await node.driver.begin(raw)
-                if node.role is Role.REPLICA:
-                    self._check_in_recovery(node, raw)
+                if node.role is Role.REPLICA and node.driver.in_hot_standby(raw) is False:
+                    self._left_recovery(node)
             except Skip:
                 raise
             except BaseException as exc:
@@ -196,12 +197,10 @@ class Checkout:
             state.observe_checkout(time.perf_counter() - started)
         return session, decision
 
-    def _check_in_recovery(self, node: Node, raw: Any) -> None:
+    def _left_recovery(self, node: Node) -> None:
         """A replica whose server reported leaving recovery (a promotion) serves no
         read, from this checkout on: PostgreSQL >= 14 reports ``in_hot_standby`` with
-        the answer to the round trip just made, so this costs nothing."""
-        if node.driver.in_hot_standby(raw) is not False:
-            return
+        the answer to the round trip just made, so the check costs nothing."""
         state = node.state
         if state.in_recovery is not False:
             state.in_recovery = False
@@ -276,8 +275,16 @@ class Checkout:
         try:
             return await attempt(1)
         except CheckoutFailed as exc:
-            if attempts <= 1 or exc.final:
-                raise
+            failed = exc
+        return await self.retry(attempt, attempts, failed)
+
+    async def retry(
+        self, attempt: Callable[[int], Awaitable[T]], attempts: int, failed: CheckoutFailed
+    ) -> T:
+        """Attempts 2 to ``attempts``, with tenacity, after the first one ``failed``
+        (raised again if it may not be retried)."""
+        if attempts <= 1 or failed.final:
+            raise failed
         async for retry in self._retrying(attempts - 1):
             with retry:
                 return await attempt(retry.retry_state.attempt_number + 1)

@@ -283,13 +283,14 @@ class ReadYourWritesMiddleware:
     before it (one that uses the closed writer) is a 500, not an empty 200.
     """
 
-    __slots__ = ("_app", "_cookie", "_cookie_suffix", "_header", "_router")
+    __slots__ = ("_app", "_cookie", "_cookie_suffix", "_header", "_positions", "_router")
 
     def __init__(self, app: ASGIApp, router: PositionSource) -> None:
         self._app = app
         self._router = router
         router._note_middleware()
         settings = router.settings
+        self._positions = settings.read_your_writes != "off"
         self._header = settings.lsn_header.lower().encode("latin-1")
         self._cookie = settings.lsn_cookie
         self._cookie_suffix = (
@@ -304,8 +305,7 @@ class ReadYourWritesMiddleware:
         overrides = getattr(scope.get("app"), "dependency_overrides", None)
         if overrides:  # a test suite's; an empty dict in production
             router._check_overrides(overrides)
-        positions = router.settings.read_your_writes != "off"
-        state = ConsistencyState(client_lsn=self._client_lsn(scope) if positions else 0)
+        state = ConsistencyState(client_lsn=self._client_lsn(scope) if self._positions else 0)
         reset = _STATE.set(state)
         secure = scope.get("scheme") == "https"
         held: Message | None = None
@@ -347,17 +347,16 @@ class ReadYourWritesMiddleware:
             _STATE.reset(reset)
 
     def _client_lsn(self, scope: Scope) -> int:
-        decode = self._router.codec.decode
         best = 0
         rejected = False
         for name, value in scope.get("headers", ()):
             if name == self._header:
-                claimed = decode(value.decode("latin-1"))
+                claimed = self._router.codec.decode(value.decode("latin-1"))
             elif name == b"cookie":
                 text = _cookie_value(value.decode("latin-1"), self._cookie)
                 if text is None:
                     continue
-                claimed = decode(text)
+                claimed = self._router.codec.decode(text)
             else:
                 continue
             if claimed is None:

@@ -23,7 +23,15 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ._checkout import Checkout, CheckoutFailed, Prove, Skip, abort, raw_connection
+from ._checkout import (
+    Checkout,
+    CheckoutFailed,
+    Prove,
+    Skip,
+    abort,
+    close_session,
+    raw_connection,
+)
 from ._consistency import (
     REPLAY_LSN_SQL,
     ConsistencyState,
@@ -181,6 +189,18 @@ class Reads:
 
     # -- sessions ----------------------------------------------------------------------
 
+    def scope(
+        self, token: str | None, read_your_writes: ReadYourWrites | None, max_lag: float | None
+    ) -> ReaderScope:
+        """A reader session with these overrides, for the current request or task (or
+        the write behind ``token``)."""
+        if read_your_writes is None and max_lag is None:
+            policy = self.default_policy
+        else:
+            policy = self.policy(read_your_writes, max_lag)
+        state = current_state() if token is None else self.state_for(token, policy)
+        return ReaderScope(self, [], policy, state)
+
     def session(
         self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
     ) -> ReaderScope:
@@ -196,7 +216,8 @@ class Reads:
         policy: ReadPolicy,
         state: ConsistencyState | None,
         span: CheckoutSpan | None = None,
-    ) -> tuple[AsyncSession, Node]:
+    ) -> tuple[AsyncSession, Node, bool]:
+        """A proven session, its node, and whether it is a fallback read (counted)."""
         need = 0
         to_primary: str | None = None
         if state is not None and policy.read_your_writes != "off":
@@ -210,7 +231,7 @@ class Reads:
         topology = self._topology
         forgiven: list[Node] = []
 
-        async def attempt(number: int) -> tuple[AsyncSession, Node]:
+        async def attempt(number: int) -> tuple[AsyncSession, Node, bool]:
             nonlocal to_primary
             while True:
                 if to_primary is not None:
@@ -221,7 +242,9 @@ class Reads:
                 if number > 1:
                     node.state.retries += 1
                     number = 1  # count a retry once, not per replica found behind
-                fallback = self._is_fallback(node)
+                # A read on the primary while replicas are configured: counted
+                # against the cap.
+                fallback = node is topology.primary and bool(topology.replicas)
                 if fallback:
                     self.fallback_in_flight += 1
                 try:
@@ -251,22 +274,20 @@ class Reads:
                 policy.decisions[decision] += 1
                 if span is not None:
                     span.chosen(node, decision)
-                return session, node
+                return session, node, fallback
 
         try:
-            return await self._checkout.with_retries(
-                attempt, self._settings.checkout_attempts + len(topology.replicas)
-            )
+            try:
+                return await attempt(1)  # the first attempt is not worth a tenacity loop
+            except CheckoutFailed as exc:
+                failed = exc
+            attempts = self._settings.checkout_attempts + len(topology.replicas)
+            return await self._checkout.retry(attempt, attempts, failed)
         except CheckoutFailed as exc:
             raise NoHealthyReplicaError(
                 f"no node could serve a read (last: {exc.node.name}, {type(exc.error).__name__})",
                 retry_after=self._settings.health_interval,
             ) from exc.error
-
-    def _is_fallback(self, node: Node) -> bool:
-        """A read on the primary while replicas are configured: counted against the cap."""
-        topology = self._topology
-        return node is topology.primary and bool(topology.replicas)
 
     # -- choosing a node ---------------------------------------------------------------
 
@@ -276,7 +297,7 @@ class Reads:
         slow: list[Node] = []
         for node in self._topology.replicas:
             state = node.state
-            if not self._usable(node):
+            if not state.up and not self._usable(node):
                 continue
             if state.in_recovery is False:
                 continue
@@ -305,7 +326,9 @@ class Reads:
         waited for). If none is known to have it, the most advanced replica is
         checked and waited for.
         """
-        candidates = [n for n in self.fit_replicas(max_lag) if n not in tried]
+        candidates = self.fit_replicas(max_lag)
+        if tried:
+            candidates = [n for n in candidates if n not in tried]
         if candidates:
             if not need:
                 return self._selector.select(candidates), _Check.NO
@@ -443,14 +466,15 @@ class ReaderScope(AbstractAsyncContextManager[AsyncSession]):
         reads = self._reads
         trace = reads._checkout.trace
         if trace is None:
-            session, node = await reads._checkout_reader(self._tried, self._policy, self._state)
+            checked_out = await reads._checkout_reader(self._tried, self._policy, self._state)
         else:
             with trace.reader(self._policy, reads._topology) as span:
-                session, node = await reads._checkout_reader(
+                checked_out = await reads._checkout_reader(
                     self._tried, self._policy, self._state, span
                 )
+        session, node, self._fallback = checked_out
         node.state.sessions += 1
-        self._session, self._node, self._fallback = session, node, reads._is_fallback(node)
+        self._session, self._node = session, node
         return session
 
     async def __aexit__(
@@ -471,4 +495,6 @@ class ReaderScope(AbstractAsyncContextManager[AsyncSession]):
         finally:
             if self._fallback:
                 reads.fallback_in_flight -= 1
-            await reads._checkout.release(node, session)  # a reader holds nothing else
+            # Checkout.release, inline: a reader holds nothing else.
+            node.state.in_flight -= 1
+            await close_session(node, session)

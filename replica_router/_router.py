@@ -248,9 +248,7 @@ class ReplicaRouter:
             ConsistencyTimeoutError: no replica caught up and fallback is off.
         """
         self._lifecycle.session_opened()
-        reads = self._reads
-        policy = reads.policy(read_your_writes, max_lag_seconds)
-        return reads.session([], policy, reads.state_for(consistency_token, policy))
+        return self._reads.scope(consistency_token, read_your_writes, max_lag_seconds)
 
     def reader_with(
         self,
