@@ -11,6 +11,10 @@ Routes: ``GET /items/{id}`` (ORM primary-key read), ``POST /items[?k=key]`` (ins
 replica only), ``GET /rr/items/{id}`` (``router.run_read``, router only),
 ``GET /ready``, and with the router ``/health/nodes``.
 
+``BENCH_BEGIN_FIRST=1`` (get_db only): the read session sends its BEGIN before the
+endpoint runs, as the router does to prove its connection; the tutorial's goes out
+with the first statement.
+
 Pool sizes come from the environment, the same for both variants: ``get_db``'s
 engines take ``BENCH_POOL_SIZE`` and ``BENCH_MAX_OVERFLOW`` (default 10 and 10), the
 router its own settings ``REPLICA_ROUTER_POOL_SIZE`` and
@@ -59,6 +63,7 @@ VARIANT = os.environ.get("BENCH_VARIANT", "get_db")
 SLOW_PORT = int(os.environ.get("BENCH_SLOW_PORT", "0"))
 PIN_SECONDS = float(os.environ.get("BENCH_PIN_SECONDS", "0"))
 PIN_COOKIE = "bench_last_write"
+BEGIN_FIRST = os.environ.get("BENCH_BEGIN_FIRST") == "1"
 POOL = {
     "pool_size": int(os.environ.get("BENCH_POOL_SIZE", "10")),
     "max_overflow": int(os.environ.get("BENCH_MAX_OVERFLOW", "10")),
@@ -83,6 +88,10 @@ def _get_db_app() -> FastAPI:
 
     async def get_read_db() -> AsyncIterator[AsyncSession]:
         async with ReadSession() as session:
+            if BEGIN_FIRST:
+                # SQLAlchemy's asyncpg adapter defers BEGIN to the first statement.
+                raw = await (await session.connection()).get_raw_connection()
+                await raw.dbapi_connection._start_transaction()
             yield session
 
     async def get_write_db() -> AsyncIterator[AsyncSession]:
