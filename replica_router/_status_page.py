@@ -160,7 +160,7 @@ footer { margin-top: 16px; font-size: 12px; color: var(--muted); }
   function numeric(row, value, format, alert) {
     // alert: the class of a count above zero ("bad" for failures, "warn" for retries).
     const cls = "num" + (value === 0 ? " zero" : alert && value > 0 ? " " + alert : "");
-    cell(row, format(value), cls);
+    return cell(row, format(value), cls);
   }
   function strong(parent, label, value) {
     if (parent.childNodes.length) parent.append(" \\u00b7 ");
@@ -204,7 +204,11 @@ footer { margin-top: 16px; font-size: 12px; color: var(--muted); }
       const title = n.last_error ? "last error: " + n.last_error : "";
       cell(row, health, n.healthy ? "ok" : "bad", title);
       numeric(row, n.lag_seconds, fixed(2));
-      numeric(row, n.lag_bytes, bytes);
+      const lag = numeric(row, n.lag_bytes, bytes);
+      if (!missing(n.patroni_lag_bytes)) {
+        // A member Patroni lists: its figure counts beside the probes' own.
+        lag.textContent += " (Patroni " + bytes(n.patroni_lag_bytes) + ")";
+      }
       numeric(row, n.in_flight, count);
       numeric(row, n.latency_ms, fixed(1));
       numeric(row, n.sessions, count);

@@ -71,6 +71,11 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
     lag_bytes = GaugeMetricFamily(
         "replica_router_replica_lag_bytes", "replay lag of a replica, bytes", labels=labels
     )
+    patroni_lag = GaugeMetricFamily(
+        "replica_router_replica_patroni_lag_bytes",
+        "replay lag of a replica as Patroni reports it, bytes (members Patroni lists)",
+        labels=labels,
+    )
     in_flight = GaugeMetricFamily(
         "replica_router_node_in_flight", "sessions open on the node now", labels=labels
     )
@@ -104,6 +109,8 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
             lag_seconds.add_metric(key, node.lag_seconds)
         if node.lag_bytes is not None:
             lag_bytes.add_metric(key, node.lag_bytes)
+        if node.patroni_lag_bytes is not None:
+            patroni_lag.add_metric(key, node.patroni_lag_bytes)
         in_flight.add_metric(key, node.in_flight)
         sessions.add_metric(key, node.sessions)
         failures.add_metric(key, node.checkout_failures)
@@ -122,7 +129,8 @@ def _router_metrics(router: ReplicaRouter) -> Iterator[Metric]:
         "replica_router_fallback_in_flight", "reads served by the primary as a fallback now"
     )
     fallback.add_metric([], status.fallback_in_flight)
-    yield from (healthy, lag_seconds, lag_bytes, in_flight, sessions, failures, ejections)
+    yield from (healthy, lag_seconds, lag_bytes, patroni_lag, in_flight, sessions)
+    yield from (failures, ejections)
     decisions = CounterMetricFamily(
         "replica_router_read_decisions",
         "where reads went and why, per read policy (read-your-writes, lag bound)",

@@ -13,7 +13,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
 from replica_router import ConfigurationError, ReplicaRouter, RouterSettings
@@ -21,6 +23,7 @@ from replica_router import _membership as membership
 from replica_router._discovery import _members, dns_name, pick_addresses
 from replica_router._health import update_eligibility
 from replica_router._status import node_status
+from replica_router.metrics import mount_metrics
 
 # Nothing listens on port 1: every probe fails at once (connection refused).
 PRIMARY = "postgresql://app:pw@127.0.0.1:1/app"
@@ -256,6 +259,23 @@ async def fake_patroni(document: dict[str, Any]) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
+async def patroni_lag_metrics(router: ReplicaRouter) -> dict[str, float]:
+    """``replica_router_replica_patroni_lag_bytes`` by node, as Prometheus scrapes it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = FastAPI()
+    mount_metrics(app, router)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        text = (await http.get("/metrics/")).text
+    return {
+        sample.labels["node"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "replica_router_replica_patroni_lag_bytes"
+        for sample in family.samples
+    }
+
+
 async def test_patroni_lag_is_followed_and_shown(caplog: pytest.LogCaptureFixture) -> None:
     def member(name: str, lag: object) -> dict[str, object]:
         return {"name": name, "role": "replica", "state": "streaming", "host": "127.0.0.1",
@@ -273,6 +293,7 @@ async def test_patroni_lag_is_followed_and_shown(caplog: pytest.LogCaptureFixtur
             two, three = router.replicas
             assert (two.state.lagging, three.state.lagging) == (True, False)
             assert any("Patroni reports 9000000 bytes" in r.getMessage() for r in caplog.records)
+            assert await patroni_lag_metrics(router) == {"pg-2": 9_000_000, "pg-3": 0}
             document["members"] = [member("pg-2", 200), member("pg-3", "unknown")]
             await wait_for(lambda: not two.state.lagging)
             assert router.status().to_dict()["nodes"][2]["patroni_lag_bytes"] is None
