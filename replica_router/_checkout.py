@@ -146,7 +146,7 @@ class Checkout:
         session = maker()
         started = time.perf_counter()
         decision = "replica"
-        bound: asyncio.Timeout | None = None
+        deadline: float | None = None
         blocked = False
         try:
             conn: AsyncConnection | None = None
@@ -163,9 +163,9 @@ class Checkout:
                 if prove is not None and conn is not None:
                     decision = await prove(node, conn)
                 else:
-                    # asyncio.timeout, not wait_for: no extra task per request.
-                    async with asyncio.timeout(self.begin_bound(node)) as bound:
-                        await node.driver.begin(raw)
+                    bound = self.begin_bound(node)
+                    deadline = asyncio.get_running_loop().time() + bound
+                    await node.driver.begin(raw, bound)
                 if node.role is Role.REPLICA and node.driver.in_hot_standby(raw) is False:
                     self._left_recovery(node)
             except Skip:
@@ -173,9 +173,9 @@ class Checkout:
             except BaseException as exc:
                 # Judged now, before the awaits below add their own delay.
                 blocked = (
-                    bound is not None
-                    and bound.expired()
-                    and fired_on_blocked_loop(bound.when() or 0.0)
+                    deadline is not None
+                    and isinstance(exc, TimeoutError)
+                    and fired_on_blocked_loop(deadline)
                 )
                 await _invalidate(node, sync, raw, exc)
                 raise

@@ -139,14 +139,16 @@ class PsycopgDriver:
     def abort(self, connection: Any) -> None:
         connection.driver_connection.pgconn.finish()  # closes the socket, no waiting
 
-    async def begin(self, connection: Any) -> None:
+    async def begin(self, connection: Any, seconds: float) -> None:
         conn = connection.driver_connection
         start = getattr(conn, "_start_query", None)
-        if start is None:  # pragma: no cover - a psycopg without it: a real statement
-            await conn.execute("SELECT 1")
-            return
-        async with conn.lock:
-            await conn.wait(start())  # BEGIN unless in a transaction or autocommit
+        # asyncio.timeout, not wait_for: no extra task per checkout.
+        async with asyncio.timeout(seconds):
+            if start is None:  # pragma: no cover - a psycopg without it: a real statement
+                await conn.execute("SELECT 1")
+                return
+            async with conn.lock:
+                await conn.wait(start())  # BEGIN unless in a transaction or autocommit
 
     async def rollback(self, connection: Any) -> bool:
         return False  # SQLAlchemy's close rolls back (one greenlet)

@@ -1,12 +1,14 @@
 """A blocked event loop is not a sick replica (checkouts, health probes, statements).
 
 A synchronous or CPU-bound call in any task stalls the whole loop. A checkout's BEGIN
-bound (at least 0.25 s) then fires late, on resume, often before the loop reads the
-answer already waiting in the socket (uvloop runs timers before it polls). Blaming
-the node ejected healthy replicas and sent every read to the primary whenever an
-application blocked its loop for a quarter of a second. Now such a timeout is retried
-on the same node and nobody is marked down; the counter-proof, with the check
-disabled, shows the ejection.
+bound (at least 0.25 s) under ``asyncio.timeout`` then fires late, on resume, and
+cancels the task although the loop has just read the answer (the task's wake-up runs
+after the overdue timer). Blaming the node ejected healthy replicas and sent every
+read to the primary whenever an application blocked its loop for a quarter of a
+second. Now asyncpg's BEGIN runs under asyncpg's own timer, which does nothing once
+the answer is in; psycopg's keeps ``asyncio.timeout``, and a timeout that fired late
+is retried on the same node with nobody marked down. The counter-proofs, with the old
+timer on asyncpg and the lateness check off on psycopg, show the ejection.
 
 The stall is made for real: the replica is frozen (SIGSTOP) while the BEGIN is in
 flight, a thread thaws it 50 ms later, and the test blocks the loop for 0.6 s, so the
@@ -17,12 +19,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import uvloop
 from sqlalchemy import text
 
 from replica_router import ReplicaRouter, RouterSettings, _retry
+from replica_router._drivers import AsyncpgDriver
 from replica_router.testing import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -68,10 +72,21 @@ async def test_a_blocked_loop_neither_ejects_the_replica_nor_moves_the_read(
     assert (where, healthy, failures) == ("replica", True, 0)
 
 
+@pytest.mark.parametrize("replica_cluster", ["asyncpg", "psycopg"], indirect=True)
 async def test_counter_proof_blaming_the_node_ejects_a_healthy_replica(
     replica_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_retry, "_LOOP_BLOCKED", float("inf"))
+    if replica_cluster.driver == "asyncpg":
+        begin = AsyncpgDriver.begin
+
+        async def begin_under_asyncio_timeout(
+            self: AsyncpgDriver, connection: Any, seconds: float
+        ) -> None:
+            async with asyncio.timeout(seconds):  # the bound as it was
+                await begin(self, connection, 3600.0)
+
+        monkeypatch.setattr(AsyncpgDriver, "begin", begin_under_asyncio_timeout)
     where, healthy, failures = await a_read_across_a_blocked_loop(replica_cluster)
     assert (where, healthy, failures) == ("primary", False, 1)
 

@@ -11,11 +11,14 @@ connection past ``pool_recycle``, a listener that may run a statement (a session
 case is run for real: it works, and it took the path it should. Counter-proof (run by
 hand): a predicate that only asks for an idle connection fails the four I/O cases
 (``MissingGreenlet``, or a pre-ping, recycle or ``SET LOCAL`` that never ran).
+
+The checkout's BEGIN bound is asyncpg's own statement timer, pinned here too.
 """
 
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -115,3 +118,36 @@ async def test_psycopg_keeps_its_greenlet(
     async with one_replica(replica_cluster) as router:
         assert await reads(router, 3) == [True] * 3
         assert greenlet_checkouts == ["greenlet"] * 3
+
+
+async def test_the_begin_bound_is_asyncpgs_own_timer_and_is_put_back(
+    replica_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncpg's Transaction.start takes no timeout: the BEGIN runs with the connection's
+    # command_timeout set to the bound. Each later statement has READ_TIMEOUT again on
+    # a replica, and no bound at all on the primary.
+    seen: list[tuple[str, float | None]] = []
+    execute = asyncpg.Connection.execute
+
+    async def recording(self: asyncpg.Connection, query: str, *args: Any, **kw: Any) -> Any:
+        seen.append((query.split()[0], self._config.command_timeout))
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", recording)
+    async with one_replica(replica_cluster) as router:
+        await reads(router, 3)  # a known latency: the bound is its 0.25 s floor
+        seen.clear()
+        async with router.reader_session() as db:
+            await db.execute(text("SELECT 1"))
+            after = await command_timeout(db)
+        async with router.writer_session() as db:
+            after_on_primary = await command_timeout(db)
+    begins = [timeout for command, timeout in seen if command == "BEGIN"]
+    assert begins[0] == pytest.approx(0.25)  # the reader's BEGIN: the bound
+    assert (after, after_on_primary) == (NO_PROBES.read_timeout, None)
+
+
+async def command_timeout(db: AsyncSession) -> Any:
+    raw = (await (await db.connection()).get_raw_connection()).driver_connection
+    assert raw is not None
+    return raw._config.command_timeout
