@@ -235,8 +235,13 @@ async def _sessions(
             await timed(mode, "read", read, reads)
             await timed(mode, "write", write, writes)
         decisions = router.status().reads[0].decisions
-    # Every read on the replica (a few re-read its position: the task's own writes).
-    assert not any(n for d, n in decisions.items() if d.startswith("primary")), decisions
+    # Reads on the replica (a few re-read its position: the task's own writes). A
+    # writer's position read after COMMIT on an idle primary can stay a page header
+    # beyond what the replica replays until more WAL comes, so a rare read waits out
+    # consistency_wait and goes to the primary (11 of 15,300 in one loaded run): it
+    # must stay rare, or the read figures would measure the primary.
+    on_primary = sum(n for d, n in decisions.items() if d.startswith("primary"))
+    assert on_primary <= 0.01 * sum(decisions.values()), decisions
     return {
         mode: {
             "read_p50_us": statistics.median(walls[(mode, "read")]) * 1e6,
