@@ -52,7 +52,6 @@ __all__ = [
     "Skip",
     "abort",
     "close_quietly",
-    "close_session",
     "query_value",
     "raw_connection",
 ]
@@ -184,7 +183,7 @@ class Checkout:
             await close_quietly(session)
             if span is not None and not isinstance(exc, Skip):
                 span.failed_attempt(node, exc)
-            if blocked and isinstance(exc, TimeoutError):
+            if blocked:
                 self._note_blocked_loop(node)
                 raise CheckoutFailed(node, exc, blameless=True) from exc
             if isinstance(exc, Exception) and not isinstance(exc, Skip):
@@ -275,16 +274,8 @@ class Checkout:
         try:
             return await attempt(1)
         except CheckoutFailed as exc:
-            failed = exc
-        return await self.retry(attempt, attempts, failed)
-
-    async def retry(
-        self, attempt: Callable[[int], Awaitable[T]], attempts: int, failed: CheckoutFailed
-    ) -> T:
-        """Attempts 2 to ``attempts``, with tenacity, after the first one ``failed``
-        (raised again if it may not be retried)."""
-        if attempts <= 1 or failed.final:
-            raise failed
+            if attempts <= 1 or exc.final:
+                raise
         async for retry in self._retrying(attempts - 1):
             with retry:
                 return await attempt(retry.retry_state.attempt_number + 1)

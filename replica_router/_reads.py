@@ -23,15 +23,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ._checkout import (
-    Checkout,
-    CheckoutFailed,
-    Prove,
-    Skip,
-    abort,
-    close_session,
-    raw_connection,
-)
+from ._checkout import Checkout, CheckoutFailed, Prove, Skip, abort, raw_connection
 from ._consistency import (
     REPLAY_LSN_SQL,
     ConsistencyState,
@@ -277,12 +269,9 @@ class Reads:
                 return session, node, fallback
 
         try:
-            try:
-                return await attempt(1)  # the first attempt is not worth a tenacity loop
-            except CheckoutFailed as exc:
-                failed = exc
-            attempts = self._settings.checkout_attempts + len(topology.replicas)
-            return await self._checkout.retry(attempt, attempts, failed)
+            return await self._checkout.with_retries(
+                attempt, self._settings.checkout_attempts + len(topology.replicas)
+            )
         except CheckoutFailed as exc:
             raise NoHealthyReplicaError(
                 f"no node could serve a read (last: {exc.node.name}, {type(exc.error).__name__})",
@@ -495,6 +484,4 @@ class ReaderScope(AbstractAsyncContextManager[AsyncSession]):
         finally:
             if self._fallback:
                 reads.fallback_in_flight -= 1
-            # Checkout.release, inline: a reader holds nothing else.
-            node.state.in_flight -= 1
-            await close_session(node, session)
+            await reads._checkout.release(node, session)  # a reader holds nothing else

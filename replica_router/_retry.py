@@ -107,9 +107,10 @@ _LOOP_BLOCKED = 0.1
 def fired_on_blocked_loop(deadline: float) -> bool:
     """Whether a timeout due at ``deadline`` (loop time) fired on a blocked event loop.
 
-    A CPU-bound or synchronous call stalls every task; a timer then fires late, and
-    often before the loop reads an answer already waiting in the socket (uvloop runs
-    timers before it polls). Such a timeout measured the loop, not the server.
+    A CPU-bound or synchronous call stalls every task; a timer then fires late. An
+    ``asyncio.timeout`` that does cancels its task even when the loop has just read the
+    answer (the task's wake-up runs after the overdue timer). Such a timeout measured
+    the loop, not the server.
     """
     return asyncio.get_running_loop().time() - deadline > _LOOP_BLOCKED
 
