@@ -19,11 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import queue as sa_queue
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -32,6 +34,7 @@ from tenacity import (
     stop_after_delay,
 )
 
+from ._drivers import driver_connection
 from ._nodes import Node, Role
 from ._pool import HandOffQueue
 from ._retry import (
@@ -147,10 +150,18 @@ class Checkout:
         decision = "replica"
         deadline: float | None = None
         blocked = False
+        held: HandOffQueue[Any] | None = None
         try:
             conn: AsyncConnection | None = None
             sync: Connection | None
-            if prove is None and _checkout_without_io(node, session.sync_session):
+            ready = prove is None and _checkout_without_io(node, session.sync_session)
+            if isinstance(ready, HandOffQueue):
+                # Every connection is out: wait for this task's turn here, so that
+                # the checkout needs no greenlet under contention either.
+                held = ready
+                await _take_turn(held, node)
+                ready = _checkout_without_io(node, session.sync_session)
+            if ready is True:
                 # What ``await session.connection()`` does, without its greenlet (each
                 # maps a fresh Python frame stack: about a tenth of a read's own cost).
                 checked_out = session.sync_session.connection()
@@ -165,7 +176,10 @@ class Checkout:
                     bound = self.begin_bound(node)
                     deadline = asyncio.get_running_loop().time() + bound
                     await node.driver.begin(raw, bound)
-                if node.role is Role.REPLICA and node.driver.in_hot_standby(raw) is False:
+                if (
+                    node.role is Role.REPLICA
+                    and node.driver.in_hot_standby(driver_connection(raw)) is False
+                ):
                     self._left_recovery(node)
             except Skip:
                 raise
@@ -180,6 +194,8 @@ class Checkout:
                 raise
         except BaseException as exc:
             state.in_flight -= 1
+            if held is not None:
+                held.settle()
             await close_quietly(session)
             if span is not None and not isinstance(exc, Skip):
                 span.failed_attempt(node, exc)
@@ -404,11 +420,13 @@ def _drop(node: Node, fairy: Any, sync: Session) -> None:
         sync.close()
 
 
-def _checkout_without_io(node: Node, session: Session) -> bool:
+def _checkout_without_io(node: Node, session: Session) -> bool | HandOffQueue[Any]:
     """Whether SQLAlchemy's checkout of a connection for ``session`` awaits nothing:
     an idle pooled connection that needs no reconnect (recycled or invalidated), no
     pre-ping, and no listener that might run a statement (the pool's ``checkout``, the
-    engine's ``engine_connect`` or ``begin``, the session's ``after_begin``)."""
+    engine's ``engine_connect`` or ``begin``, the session's ``after_begin``). The
+    pool's queue instead when every connection is out: a returned one can be waited
+    for outside the greenlet (:func:`_take_turn`)."""
     if not node.driver.checkout_without_io or session.in_transaction():
         return False
     bind = session.bind
@@ -417,9 +435,9 @@ def _checkout_without_io(node: Node, session: Session) -> bool:
     if bind is None or pool is None or not isinstance(queue, HandOffQueue):
         return False
     record = queue.peek()
-    if record is None or record.dbapi_connection is None:
-        return False
-    if pool._pre_ping or pool.dispatch.checkout:
+    if record is None:
+        return queue if queue.at_capacity(pool) else False
+    if record.dbapi_connection is None or pool._pre_ping or pool.dispatch.checkout:
         return False
     started = record.starttime
     recycle = pool._recycle
@@ -431,6 +449,21 @@ def _checkout_without_io(node: Node, session: Session) -> bool:
         return False
     dispatch = bind.dispatch
     return not (dispatch.engine_connect or dispatch.begin or session.dispatch.after_begin)
+
+
+async def _take_turn(queue: HandOffQueue[Any], node: Node) -> None:
+    """Wait for a returned connection, first come, first served, within the pool's
+    timeout; SQLAlchemy's own error when it is over, as its checkout would raise."""
+    pool = node.engine.sync_engine.pool
+    seconds = pool.timeout()  # type: ignore[attr-defined]
+    try:
+        await queue.take_turn(seconds)
+    except sa_queue.Empty:
+        raise sa_exc.TimeoutError(
+            f"QueuePool limit of size {pool.size()} overflow {pool.overflow()} "  # type: ignore[attr-defined]
+            f"reached, connection timed out, timeout {seconds:0.2f}",
+            code="3o7r",
+        ) from None
 
 
 def _sole_connection(transaction: SessionTransaction) -> tuple[Any, HandOffQueue[Any]] | None:

@@ -24,7 +24,15 @@ from sqlalchemy.engine import URL
 from ._exceptions import ConfigurationError
 from ._psycopg import PsycopgDriver
 
-__all__ = ["DRIVERS", "AsyncpgDriver", "Driver", "Pooler", "ProbeConnection", "driver_for"]
+__all__ = [
+    "DRIVERS",
+    "AsyncpgDriver",
+    "Driver",
+    "Pooler",
+    "ProbeConnection",
+    "driver_connection",
+    "driver_for",
+]
 
 Pooler = Literal["none", "transaction"]
 
@@ -95,10 +103,10 @@ class Driver(Protocol):
         connection was already known closed or busy), so the server never saw it."""
         ...
 
-    def in_hot_standby(self, connection: Any) -> bool | None:
-        """What the server last reported as ``in_hot_standby`` on SQLAlchemy's pooled
-        ``connection`` (PostgreSQL >= 14 reports every change; no round trip), or None
-        when it did not report it."""
+    def in_hot_standby(self, driver_connection: Any) -> bool | None:
+        """What the server last reported as ``in_hot_standby`` on the driver's own
+        connection (PostgreSQL >= 14 reports every change; no round trip), or None
+        when it did not report it. Runs after every statement on a replica."""
         ...
 
     def abort(self, connection: Any) -> None:
@@ -133,6 +141,16 @@ class Driver(Protocol):
     ) -> ProbeConnection:
         """A connection outside every pool, as the node's engine would open it."""
         ...
+
+
+def driver_connection(connection: Any) -> Any:
+    """The driver's own connection under SQLAlchemy's pooled ``connection``: its
+    ``driver_connection`` without the three property calls behind it (every asyncio
+    adapter of SQLAlchemy keeps the driver's connection as ``_connection``)."""
+    try:
+        return connection.dbapi_connection._connection
+    except AttributeError:  # pragma: no cover - an adapter that does not
+        return connection.driver_connection
 
 
 # Keys of SQLAlchemy's asyncpg adapter that asyncpg.connect() does not take.
@@ -227,11 +245,11 @@ class AsyncpgDriver:
             or (name == "InterfaceError" and "connection is closed" in text)
         )
 
-    def in_hot_standby(self, connection: Any) -> bool | None:
+    def in_hot_standby(self, driver_connection: Any) -> bool | None:
         # Its __getattr__ straight away: getattr() would first fail the normal lookup,
         # and format an AttributeError for it, twice per read (measured 740 -> 340 ns).
         try:
-            value = connection.driver_connection.get_settings().__getattr__("in_hot_standby")
+            value = driver_connection.get_settings().__getattr__("in_hot_standby")
         except AttributeError:  # PostgreSQL < 14 does not report it
             return None
         return bool(value == "on")
@@ -241,7 +259,7 @@ class AsyncpgDriver:
 
     async def begin(self, connection: Any, seconds: float) -> None:
         dbapi_connection = connection.dbapi_connection
-        driver_connection = connection.driver_connection
+        driver_connection = dbapi_connection._connection
         start = getattr(dbapi_connection, "_start_transaction", None)
         if start is None:  # pragma: no cover - an adapter without it: a real statement
             await driver_connection.execute("SELECT 1", timeout=seconds)

@@ -7,9 +7,9 @@ import bisect
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
@@ -259,41 +259,38 @@ def read_only_hook(driver: Driver) -> Any:
     return hook
 
 
-def _recovery_guard(node: Node) -> Callable[[Any], None]:
-    """Raises when a statement on this replica ran on a server promoted since its
-    session began: the server reports ``in_hot_standby = off`` with the first answer
-    after its promotion, so the result is discarded before it reaches anyone, and no
-    read is served by a node that left recovery (the checkout that proved the session
-    had seen the node in recovery)."""
-    in_hot_standby = node.driver.in_hot_standby
-    state = node.state
-
-    def refuse_after_promotion(context: Any) -> None:
-        if in_hot_standby(context.root_connection.connection) is False:
-            state.in_recovery = False
-            msg = f"replica {node.name} left recovery (promoted) during this read; retry"
-            raise ReplicaPromotedError(msg)
-
-    return refuse_after_promotion
-
-
 def _guard_statements(node: Node) -> None:
-    """Run every statement of a replica's engine through :func:`_recovery_guard`.
+    """Refuse the result of every statement on this replica that ran on a server
+    promoted since its session began: the server reports ``in_hot_standby = off``
+    with the first answer after its promotion, so the result is discarded before it
+    reaches anyone, and no read is served by a node that left recovery (the checkout
+    that proved the session had seen the node in recovery).
 
     Dialect events (``do_execute``), not ``after_cursor_execute``: a connection event
     listener makes SQLAlchemy dispatch every connection event of every statement
-    (about 90 more Python calls per request, measured), a dialect one only this."""
+    (about 90 more Python calls per request, measured), a dialect one only this. The
+    driver's connection is the cursor's own (SQLAlchemy's asyncio cursors keep it as
+    ``_connection``): the way through the execution context costs five Python calls."""
     dialect = node.engine.sync_engine.dialect
-    guard = _recovery_guard(node)
+    in_hot_standby = node.driver.in_hot_standby
+    state = node.state
+
+    def promoted() -> NoReturn:
+        state.in_recovery = False
+        raise ReplicaPromotedError(
+            f"replica {node.name} left recovery (promoted) during this read; retry"
+        )
 
     def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         dialect.do_execute(cursor, statement, parameters, context)
-        guard(context)
+        if in_hot_standby(cursor._connection) is False:
+            promoted()
         return True
 
     def execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
         dialect.do_execute_no_params(cursor, statement, context)
-        guard(context)
+        if in_hot_standby(cursor._connection) is False:
+            promoted()
         return True
 
     event.listen(node.engine.sync_engine, "do_execute", execute)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 from sqlalchemy.util import concurrency as _concurrency
 from sqlalchemy.util import queue as _sa_queue
 
@@ -88,9 +88,35 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
 
     def peek(self) -> T | None:
         """The entry ``get`` would return now without waiting, left in place."""
-        if not self._items or self._waiters:
+        items = self._items
+        if not items:
             return None
-        return self._items[-1] if self.use_lifo else self._items[0]
+        return items[-1] if self.use_lifo else items[0]
+
+    def at_capacity(self, pool: QueuePool) -> bool:
+        """Whether ``pool`` (this queue's) has no idle entry and may open no more, so a
+        checkout has to wait for a returned one."""
+        return not self._items and -1 < pool._max_overflow <= pool._overflow
+
+    async def take_turn(self, seconds: float | None) -> None:
+        """Wait, first come, first served, until a returned entry is this task's, and
+        hold it for the task's next ``get``: the checkout that follows awaits nothing,
+        so it can run outside SQLAlchemy's greenlet. ``Empty`` after ``seconds``."""
+        item = await self._wait(seconds)
+        self._hold(item)
+
+    def _hold(self, item: T) -> None:
+        # Where ``get`` takes the next one; nothing else runs before it does.
+        if self.use_lifo:
+            self._items.append(item)
+        else:
+            self._items.appendleft(item)
+
+    def settle(self) -> None:
+        """Hand a held entry on if its checkout failed before taking it."""
+        items, waiters = self._items, self._waiters
+        while items and waiters:
+            self.put(items.pop() if self.use_lifo else items.popleft())
 
     def get_nowait(self) -> T:
         return self.get(block=False)
@@ -105,23 +131,32 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
         return result
 
     async def _wait(self, seconds: float | None) -> T:
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
         self._waiters.append(waiter)
+        # A timer that fails the waiter, not asyncio.timeout: a timer costs about a
+        # third as much, and every contended checkout waits here.
+        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
         try:
-            async with asyncio.timeout(seconds):
-                return await waiter
-        except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
-                # Handed an item in the same step we were cancelled or timed out:
-                # pass it on rather than lose a connection.
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed an item in the same step we were cancelled: pass it on
+                # rather than lose a connection.
                 self.put_nowait(waiter.result())
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
-            if isinstance(exc, TimeoutError):
-                raise _sa_queue.Empty() from None
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_sa_queue.Empty())
 
 
 class FairAsyncQueuePool(AsyncAdaptedQueuePool):

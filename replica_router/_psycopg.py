@@ -132,8 +132,8 @@ class PsycopgDriver:
             and str(error).startswith("the connection is closed")
         )
 
-    def in_hot_standby(self, connection: Any) -> bool | None:
-        value = connection.driver_connection.info.parameter_status("in_hot_standby")
+    def in_hot_standby(self, driver_connection: Any) -> bool | None:
+        value = driver_connection.info.parameter_status("in_hot_standby")
         return None if value is None else value in ("on", b"on")
 
     def abort(self, connection: Any) -> None:

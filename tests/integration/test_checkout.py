@@ -4,8 +4,10 @@ there awaits, and with one whenever something might.
 ``await session.connection()`` runs SQLAlchemy's checkout in a new greenlet, and each
 greenlet maps a fresh Python frame stack (about a tenth of what a read costs the
 router). With asyncpg, taking an idle pooled connection awaits nothing, so the router
-calls the ORM's ``Session.connection()`` directly. Whatever could do I/O there keeps
-the greenlet: no idle connection (a new one is opened), ``pool_pre_ping``, a
+calls the ORM's ``Session.connection()`` directly; when every connection is out, it
+waits for its turn outside the greenlet first (first come, first served), then does
+the same. Whatever could do I/O there keeps the greenlet: no idle connection and room
+for another (a new one is opened), ``pool_pre_ping``, a
 connection past ``pool_recycle``, a listener that may run a statement (a session's
 ``after_begin``), and psycopg, whose adapter awaits to set the read-only flag. Each
 case is run for real: it works, and it took the path it should. Counter-proof (run by
@@ -21,10 +23,12 @@ from typing import Any
 import asyncpg
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from replica_router import ReplicaRouter, RouterSettings
+from replica_router._pool import FairAsyncQueuePool, HandOffQueue
 from replica_router.testing import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -69,6 +73,47 @@ async def test_an_idle_pooled_connection_is_taken_without_a_greenlet(
         assert greenlet_checkouts == ["greenlet"]  # the pool was empty: a connect
         assert await reads(router, 5) == [True] * 5
         assert greenlet_checkouts == ["greenlet"]
+
+
+async def test_a_contended_checkout_waits_its_turn_without_a_greenlet(
+    replica_cluster: LocalCluster, greenlet_checkouts: list[str]
+) -> None:
+    # Every connection out: the checkout waits for a returned one outside the greenlet,
+    # first come, first served, and then takes it as an idle one.
+    settings = RouterSettings.defaults(
+        health_interval=3600, read_your_writes="off", pool_size=1, max_overflow=0
+    )
+    replica = replica_cluster.replica_urls[:1]
+    async with ReplicaRouter(replica_cluster.primary_url, replica, settings=settings) as router:
+        assert await reads(router, 1) == [True]  # the one connection is opened
+        greenlet_checkouts.clear()
+        served: list[int] = []
+
+        async def read(number: int) -> None:
+            async with router.reader_session() as db:
+                served.append(number)
+                await db.execute(text("SELECT pg_sleep(0.02)"))
+
+        await asyncio.gather(*(read(n) for n in range(6)))
+        assert served == list(range(6))
+        assert greenlet_checkouts == []
+
+
+async def test_a_turn_past_the_pool_timeout_is_sqlalchemys_timeout_and_loses_nothing(
+    replica_cluster: LocalCluster,
+) -> None:
+    settings = NO_PROBES.model_copy(update={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2})
+    replica = replica_cluster.replica_urls[:1]
+    async with ReplicaRouter(replica_cluster.primary_url, replica, settings=settings) as router:
+        async with router.reader_session():
+            with pytest.raises(sa_exc.TimeoutError, match="QueuePool limit of size 1 overflow 0"):
+                async with router.reader_session():
+                    pass  # pragma: no cover
+        pool = router.replicas[0].engine.sync_engine.pool
+        assert isinstance(pool, FairAsyncQueuePool) and isinstance(pool._pool, HandOffQueue)
+        assert not pool._pool._waiters
+        assert await reads(router, 2) == [True, True]  # the connection is still there
+        assert router.replicas[0].state.up  # a full pool is not a down node
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ async def test_a_read_begun_before_a_promotion_is_not_served_by_the_promoted_nod
 async def test_counter_proof_without_the_guard_the_read_is_served_by_the_promoted_node(
     own_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_nodes, "_recovery_guard", lambda node: lambda context: None)
+    monkeypatch.setattr(_nodes, "_guard_statements", lambda node: None)
     outcome, _ = await a_read_straddling_a_promotion(own_cluster)
     assert outcome == f"primary:{own_cluster.node('replica-1').port}"
 

@@ -99,3 +99,56 @@ async def test_an_item_handed_to_a_cancelled_waiter_is_passed_on() -> None:
     with pytest.raises(asyncio.CancelledError):
         await doomed
     assert await patient == "x"  # the connection was not lost
+
+
+async def test_a_turn_taken_outside_the_greenlet_is_held_for_the_next_get() -> None:
+    # The router waits for its turn outside SQLAlchemy's greenlet, then checks out
+    # without one: the entry it was handed must be the one its get() returns, ahead of
+    # tasks that queued after it.
+    queue: HandOffQueue[str] = HandOffQueue(maxsize=1)
+    turn = asyncio.create_task(queue.take_turn(None))
+    await asyncio.sleep(0)
+    later = asyncio.create_task(get(queue))
+    await asyncio.sleep(0)
+    queue.put("x")
+    await turn
+    assert queue.peek() == "x"
+    assert queue.get(False) == "x"
+    queue.put("y")
+    assert await later == "y"
+
+
+async def test_a_held_entry_whose_checkout_failed_is_handed_on() -> None:
+    queue: HandOffQueue[str] = HandOffQueue(maxsize=1)
+    turn = asyncio.create_task(queue.take_turn(None))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(get(queue))
+    await asyncio.sleep(0)
+    queue.put("x")
+    await turn
+    queue.settle()  # the checkout failed before its get(): the next waiter has it
+    assert await waiting == "x"
+    assert queue.qsize() == 0
+
+
+async def test_a_turn_times_out_with_empty_and_is_forgotten() -> None:
+    queue: HandOffQueue[str] = HandOffQueue(maxsize=1)
+    with pytest.raises(sa_queue.Empty):
+        await queue.take_turn(0.01)
+    assert not queue._waiters
+    queue.put("a")
+    assert queue.qsize() == 1
+
+
+def test_at_capacity_follows_the_pools_overflow() -> None:
+    engine = create_async_engine(URL, poolclass=FairAsyncQueuePool, pool_size=1, max_overflow=0)
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, FairAsyncQueuePool) and isinstance(pool._pool, HandOffQueue)
+    assert not pool._pool.at_capacity(pool)  # nothing opened yet: a checkout connects
+    pool._overflow = pool._max_overflow  # as after the one connection was opened
+    assert pool._pool.at_capacity(pool)
+    unlimited = create_async_engine(URL, poolclass=FairAsyncQueuePool, max_overflow=-1)
+    pool = unlimited.sync_engine.pool
+    assert isinstance(pool, FairAsyncQueuePool) and isinstance(pool._pool, HandOffQueue)
+    pool._overflow = 100
+    assert not pool._pool.at_capacity(pool)
