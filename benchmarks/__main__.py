@@ -31,6 +31,7 @@ BENCHMARKS = (
     "overhead",
     "paired",
     "profile",
+    "instructions",
     "drivers",
     "faults",
     "strategies",

@@ -300,6 +300,7 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     loadgen_cpu: float = 0.0
+    mean_ms: float = float("nan")
     connections_per_worker: tuple[int, ...] = ()
 
     @property
@@ -328,6 +329,7 @@ class LoadResult:
             p99_ms=percentile(lat, 99),
             max_ms=max(lat, default=float("nan")),
             loadgen_cpu=cpu,
+            mean_ms=sum(lat) / len(lat) if lat else float("nan"),
             connections_per_worker=tuple(connections_per_worker),
         )
 

@@ -272,6 +272,15 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
     table.notes.append(
         "Goals: " + "; ".join(f"{g}: {'met' if ok else 'NOT met'}" for g, ok in goals) + "."
     )
+    mean_2 = med((TWO, ROUTER), "mean_ms") / med((TWO, PGPOOL), "mean_ms")
+    table.notes.append(
+        f"{TWO}, mean latency: router {med((TWO, ROUTER), 'mean_ms'):.1f} ms, pgpool "
+        f"{med((TWO, PGPOOL), 'mean_ms'):.1f} ms ({mean_2:.3f}x). Every engine has pool 10 + "
+        "overflow 0 for 16 connections per worker, so 6 requests per worker wait for a "
+        "connection: the router's pool serves them in order, SQLAlchemy's (get_db's, behind "
+        "pgpool) lets a returning request go first, which lowers the median and lengthens "
+        "the tail. In a closed loop the mean is the connections over the req/s."
+    )
     bad = [
         f"{case}, {variant}: {sum(r.errors for r in rs)} errors, "
         f"{sum(r.timeouts for r in rs)} timeouts"

@@ -13,8 +13,10 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED = ("overhead", "drivers", "faults", "strategies", "scale", "ryw", "otel") + (
-    ("pgpool",) if shutil.which("pgpool") or Path("/usr/sbin/pgpool").exists() else ()
+EXPECTED = (
+    ("overhead", "drivers", "faults", "strategies", "scale", "ryw", "otel")
+    + (("pgpool",) if shutil.which("pgpool") or Path("/usr/sbin/pgpool").exists() else ())
+    + (("instructions",) if shutil.which("valgrind") else ())
 )
 
 

@@ -1,0 +1,186 @@
+"""What a request costs, in CPU instructions: ``get_db`` against the router, counted by
+valgrind's callgrind in the uvicorn process.
+
+Timings on a shared machine move by a quarter between rounds; an instruction count
+moves by about 1% between runs, so it shows a change of the read path's cost that no
+timing here can. Each variant serves ``benchmarks.app`` under
+``valgrind --tool=callgrind`` (uvloop, httptools, pool 10 + 10, one replica for reads,
+the primary for writes), one connection at a time so that every request does the same
+work; the counters are zeroed after a warm-up and dumped after a load window, and the
+instructions of the whole process (Python, the event loop, the drivers) are divided by
+the requests served. Health probes run once an hour here: a probe is a cost per
+interval, not per request, and under valgrind's slowdown a second's probe would be
+charged to a handful of requests. Needs valgrind (``apt-get install valgrind``).
+
+    python -m benchmarks --only instructions
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+from ._common import (
+    ROOT,
+    LoadResult,
+    Table,
+    free_port,
+    get_db_env,
+    http_get_json,
+    pool_env,
+    router_env,
+    run_load,
+    spawn,
+    terminate,
+)
+
+VARIANTS = ("get_db", "router")
+PATHS = {"read": ("GET", "/items/"), "write": ("POST", "/items")}
+_TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
+
+
+def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
+    table = Table(
+        name="instructions",
+        title="Instructions per request (callgrind, the uvicorn process, one connection)",
+        columns=["path", "`get_db`", "`router`", "router / get_db", "requests counted"],
+    )
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        table.notes.append("Skipped: valgrind is not installed (apt-get install valgrind).")
+        return table
+    seconds, warm = (3.0, 2.0) if quick else (40.0, 8.0)
+    paths = ["read"] if quick else ["read", "write"]
+    counted: dict[tuple[str, str], tuple[float, int]] = {}
+    for path in paths:
+        for variant in VARIANTS:
+            if variant == "get_db":
+                env = get_db_env(cluster.replica_urls[0], cluster.primary_url)
+            else:
+                env = router_env(
+                    cluster.primary_url, cluster.replica_urls[:1], health_interval=3600
+                )
+            env.update(pool_env(10, 10))
+            counted[(path, variant)] = _count(env, path, seconds, warm)
+    for path in paths:
+        (a, n_a), (b, n_b) = counted[(path, "get_db")], counted[(path, "router")]
+        table.rows.append(
+            [path, f"{a / 1000:,.1f}k", f"{b / 1000:,.1f}k", f"{b / a:.3f}", f"{n_a} / {n_b}"]
+        )
+    table.notes.append(
+        f"One connection, {seconds:g} s per variant after {warm:g} s of warm-up, defaults "
+        "otherwise (read-your-writes `lsn`, the middleware installed); get_db's write "
+        "commits in the endpoint, the router's writer after it and then reads the "
+        "commit's WAL position (one more round trip). A run's count moves by about 1%."
+    )
+    table.png = _plot(counted, paths, out_dir / "instructions.png")
+    return table
+
+
+def _count(env: dict[str, str], path: str, seconds: float, warm: float) -> tuple[float, int]:
+    """Instructions per request of one variant, and the requests they were counted over."""
+    method, url_path = PATHS[path]
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = spawn(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                # Uninstrumented until the warm-up is over: starting Python fully
+                # instrumented takes a minute.
+                "--instr-atstart=no",
+                f"--callgrind-out-file={tmp}/callgrind.%p",
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            cwd=str(ROOT),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180  # valgrind starts Python 50 times slower
+            while True:
+                try:
+                    http_get_json(base + "/ready", timeout=5.0)
+                    break
+                except (OSError, urllib.error.URLError, ValueError):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the app did not start under valgrind") from None
+                    time.sleep(0.5)
+            _load(base, method, url_path, warm)
+            _control("-i", proc.pid, "on")
+            _load(base, method, url_path, 1.0)  # the code is instrumented anew
+            _control("-z", proc.pid)  # zero the counters: only the window counts
+            result = _load(base, method, url_path, seconds)
+            _control("-d", proc.pid)
+            total = _totals(Path(tmp), proc.pid)
+        finally:
+            terminate(proc, grace=30.0)
+    return total / max(1, result.ok), result.ok
+
+
+def _load(base: str, method: str, path: str, seconds: float) -> LoadResult:
+    return run_load(base, path, seconds, method=method, concurrency=1, timeout=30.0)
+
+
+def _control(flag: str, pid: int, *value: str) -> None:
+    subprocess.run(["callgrind_control", flag, *value, str(pid)], check=True, capture_output=True)
+
+
+def _totals(folder: Path, pid: int) -> int:
+    """The instruction total of the newest dump of ``pid`` (the window's)."""
+    deadline = time.monotonic() + 30
+    while True:
+        dumps = sorted(folder.glob(f"callgrind.{pid}*"), key=lambda p: p.stat().st_mtime)
+        for dump in reversed(dumps):
+            found = _TOTALS.search(dump.read_text(errors="replace"))
+            if found and dump.name != f"callgrind.{pid}":  # the dump, not the final file
+                return int(found.group(1))
+        if time.monotonic() > deadline:
+            raise RuntimeError("callgrind wrote no dump")
+        time.sleep(0.2)
+
+
+def _plot(counted: dict[tuple[str, str], tuple[float, int]], paths: list[str], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.38
+    for i, variant in enumerate(VARIANTS):
+        xs = [x + (i - 0.5) * width for x in range(len(paths))]
+        values = [counted[(p, variant)][0] / 1000 for p in paths]
+        bars = ax.bar(xs, values, width, label=variant)
+        ax.bar_label(bars, fmt="%.0fk", fontsize=8)
+    ax.set_xticks(range(len(paths)), paths)
+    ax.set_ylabel("thousand instructions per request")
+    ax.set_title("callgrind: instructions per request, one connection")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
