@@ -191,6 +191,27 @@ def http_get_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(response.read())
 
 
+def uvicorn_args(port: int) -> list[str]:
+    """``-m uvicorn ...`` serving ``benchmarks.app`` on ``port`` as production does:
+    uvloop and httptools, no access log."""
+    return [
+        "-m",
+        "uvicorn",
+        "benchmarks.app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
 class AppServer:
     """``uvicorn benchmarks.app:app`` in a subprocess on a free port.
 
@@ -206,25 +227,7 @@ class AppServer:
         full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         self._log = open(log_dir / f"uvicorn-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = spawn(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                str(workers),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
+            [sys.executable, *uvicorn_args(self.port), "--workers", str(workers)],
             env=full_env,
             cwd=str(ROOT),
             stdout=self._log,

@@ -40,6 +40,7 @@ from ._common import (
     run_load,
     spawn,
     terminate,
+    uvicorn_args,
 )
 
 VARIANTS = ("get_db", "router")
@@ -98,20 +99,7 @@ def _count(env: dict[str, str], path: str, seconds: float, warm: float) -> tuple
                 "--instr-atstart=no",
                 f"--callgrind-out-file={tmp}/callgrind.%p",
                 sys.executable,
-                "-m",
-                "uvicorn",
-                "benchmarks.app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
+                *uvicorn_args(port),
             ],
             env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
             cwd=str(ROOT),
@@ -120,7 +108,7 @@ def _count(env: dict[str, str], path: str, seconds: float, warm: float) -> tuple
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180  # valgrind starts Python 50 times slower
+            deadline = time.monotonic() + 180  # Python starts several times slower under valgrind
             while True:
                 try:
                     http_get_json(base + "/ready", timeout=5.0)

@@ -154,7 +154,7 @@ async def test_patroni_members_are_followed(patroni_cluster: PatroniCluster) -> 
     for member in cluster.members:  # an earlier test may have crashed or killed some
         if not cluster.is_running(member.name):
             cluster.start_node(member.name, wait=False)
-    cluster.wait_healthy(180.0)
+    cluster.heal(180.0)
     settings = RouterSettings.defaults(
         health_interval=0.5, read_your_writes="off", patroni_url=",".join(cluster.patroni_urls)
     )
