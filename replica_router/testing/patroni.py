@@ -374,39 +374,6 @@ class PatroniCluster:
 
         return self._poll(healthy, timeout, "a healthy cluster")
 
-    def heal(self, timeout: float = 180.0, *, patience: float = 60.0) -> str:
-        """:meth:`wait_healthy`; a running replica that still does not stream after
-        ``patience`` seconds is copied anew from the leader (``POST /reinitialize``).
-
-        A member that an earlier failover left past the fork of the new timeline (its
-        log says "record with incorrect prev-link") waits for WAL that never comes, and
-        Patroni, which sees it running, does nothing about it.
-
-        Returns:
-            The leader's name.
-
-        Raises:
-            ClusterError: Not healthy within ``timeout`` after the copies.
-        """
-        try:
-            return self.wait_healthy(patience)
-        except ClusterError:
-            leader = self._leader_or_raise("heal")
-            streaming = self._streaming_or_none(leader)
-            for member in self.members:
-                if member.name in streaming or member.name == leader:
-                    continue
-                if not self.is_running(member.name):
-                    continue
-                url = f"{member.api_url}/reinitialize"
-                try:
-                    status, body = http_request(url, {"force": True}, timeout=30.0)
-                except OSError as exc:  # the wait below says what is still wrong
-                    logger.warning("reinitialize %s: no answer (%s)", member.name, exc)
-                    continue
-                logger.info("reinitialize %s: %s %s", member.name, status, body.strip())
-            return self.wait_healthy(timeout)
-
     def execute(
         self, name: str, sql: str, *, database: str | None = None, timeout: float = 60.0
     ) -> list[tuple[str, ...]]:
