@@ -171,7 +171,7 @@ class PrimaryPosition:
     """The primary's WAL position as far as this process knows it.
 
     Probes and commits feed it; :meth:`current` asks the primary, one query shared by
-    concurrent callers.
+    the callers that arrive before it starts.
 
     Args:
         probed: the newest position the health probes saw.
@@ -180,7 +180,7 @@ class PrimaryPosition:
         observe: told of every commit's position (replica lag is measured against it).
     """
 
-    __slots__ = ("_observe", "_probed", "_query", "_refresh", "_timeout", "written")
+    __slots__ = ("_observe", "_probed", "_query", "_refresh", "_started", "_timeout", "written")
 
     def __init__(
         self,
@@ -194,6 +194,7 @@ class PrimaryPosition:
         self._timeout = timeout
         self._observe = observe
         self._refresh: asyncio.Future[int | None] | None = None
+        self._started = 0  # queries started, to tell one begun before a call
         self.written = 0
 
     def known(self) -> int:
@@ -207,10 +208,18 @@ class PrimaryPosition:
             self._observe(lsn)
 
     async def current(self) -> int | None:
-        """The primary's WAL insert position now, or None if it cannot be read."""
-        pending = self._refresh
-        if pending is not None:
-            return await asyncio.shield(pending)
+        """The primary's WAL insert position now, or None if it cannot be read.
+
+        Read by a query that started after this call: one already in flight may have
+        read the position before the commit (or the token) the caller must cover, so
+        a caller waits for it to end and then starts, or joins, the next one.
+        """
+        asked = self._started
+        while (pending := self._refresh) is not None:
+            if self._started > asked:  # started after this call: it covers it
+                return await asyncio.shield(pending)
+            await asyncio.shield(pending)
+        self._started += 1
         pending = asyncio.get_running_loop().create_future()
         self._refresh = pending
         lsn: int | None = None

@@ -19,7 +19,8 @@ from ryw_app import create_app
 from sqlalchemy import text
 
 from replica_router import ReadYourWritesMiddleware, ReplicaRouter, RouterSettings
-from replica_router._consistency import parse_lsn
+from replica_router._checkout import query_value
+from replica_router._consistency import PrimaryPosition, parse_lsn
 from replica_router.testing import LocalCluster
 from replica_router.testing.pytest_plugin import DRIVERS
 
@@ -363,3 +364,33 @@ async def test_only_committed_writes_set_a_position(notes: LocalCluster) -> None
         assert lsn is not None
         # The position covers the commit: at most the primary's position now.
         assert lsn <= (parse_lsn(current) or 0)
+
+
+async def test_a_position_read_before_a_commit_is_not_shared_after_it(notes: LocalCluster) -> None:
+    """``PrimaryPosition.current`` shares one query among its callers (the position
+    of a commit whose connection could not read it, a client's token checked against
+    the primary). A query that was already running when a caller asked may have read
+    the position before the commit (or the token) that caller must cover: sharing it
+    would hand out a position that misses the write, and a later read could be stale."""
+    # The position first, then a pause: the query reads it, then stays in flight.
+    slow = (
+        "SELECT l FROM (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+        " AS l, pg_sleep(1.0) AS s) AS q"
+    )
+    router = make_router(notes)
+    async with router:
+        position = PrimaryPosition(
+            probed=lambda: None,
+            query=lambda: query_value(router.primary, slow, 10.0),
+            timeout=10.0,
+            observe=lambda lsn: None,
+        )
+        early = asyncio.create_task(position.current())
+        await asyncio.sleep(0.3)  # its query has read the position and sleeps
+        notes.execute("primary", "INSERT INTO ryw_notes (body) VALUES ('after the read')")
+        committed = parse_lsn(notes.execute("primary", "SELECT pg_current_wal_insert_lsn()")[0][0])
+        assert committed is not None
+        late = await position.current()  # asked after the commit, while the query runs
+        first = await early
+        assert first is not None and first < committed, "the early query read it before"
+        assert late is not None and late >= committed
