@@ -91,7 +91,9 @@ def _get_db_app() -> FastAPI:
             if BEGIN_FIRST:
                 # SQLAlchemy's asyncpg adapter defers BEGIN to the first statement.
                 raw = await (await session.connection()).get_raw_connection()
-                await raw.dbapi_connection._start_transaction()
+                adapter = raw.dbapi_connection
+                assert adapter is not None  # a checked-out connection has one
+                await adapter._start_transaction()
             yield session
 
     async def get_write_db() -> AsyncIterator[AsyncSession]:

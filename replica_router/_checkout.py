@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
 from sqlalchemy.util import queue as sa_queue
 from tenacity import (
@@ -455,12 +456,13 @@ async def _take_turn(queue: HandOffQueue[Any], node: Node) -> None:
     """Wait for a returned connection, first come, first served, within the pool's
     timeout; SQLAlchemy's own error when it is over, as its checkout would raise."""
     pool = node.engine.sync_engine.pool
-    seconds = pool.timeout()  # type: ignore[attr-defined]
+    assert isinstance(pool, QueuePool)  # a HandOffQueue is a QueuePool's (at_capacity)
+    seconds = pool.timeout()
     try:
         await queue.take_turn(seconds)
     except sa_queue.Empty:
         raise sa_exc.TimeoutError(
-            f"QueuePool limit of size {pool.size()} overflow {pool.overflow()} "  # type: ignore[attr-defined]
+            f"QueuePool limit of size {pool.size()} overflow {pool.overflow()} "
             f"reached, connection timed out, timeout {seconds:0.2f}",
             code="3o7r",
         ) from None

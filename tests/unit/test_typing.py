@@ -1,4 +1,5 @@
-"""``mypy --strict`` over the package and the tests, as configured in pyproject.toml.
+"""``mypy --strict`` over the package, the tests and the benchmarks, as configured in
+pyproject.toml.
 
 CI runs only pytest, so the type check runs here: about 15 s from a cold cache.
 """
