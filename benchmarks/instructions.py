@@ -2,7 +2,7 @@
 valgrind's callgrind in the uvicorn process.
 
 Timings on a shared machine move by a quarter between rounds; an instruction count
-moves by about 1% between runs, so it shows a change of the read path's cost that no
+moves by 1-2% between runs, so it shows a change of the read path's cost that no
 timing here can. Each variant serves ``benchmarks.app`` under
 ``valgrind --tool=callgrind`` (uvloop, httptools, pool 10 + 10, one replica for reads,
 the primary for writes), one connection at a time so that every request does the same
@@ -114,7 +114,7 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
         "`lsn`, the middleware installed). get_db's write commits in the endpoint, the "
         "router's writer after it and then reads the commit's WAL position (one more "
         "round trip); the last row turns that off for the router only. A run's count "
-        "moves by about 1%."
+        "moves by 1-2%."
     )
     table.png = _plot(counted, out_dir / "instructions.png")
     return table
