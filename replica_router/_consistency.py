@@ -193,7 +193,7 @@ class PrimaryPosition:
         self._query = query
         self._timeout = timeout
         self._observe = observe
-        self._refresh: asyncio.Future[int | None] | None = None
+        self._refresh: asyncio.Task[int | None] | None = None
         self._started = 0  # queries started, to tell one begun before a call
         self.written = 0
 
@@ -212,7 +212,9 @@ class PrimaryPosition:
 
         Read by a query that started after this call: one already in flight may have
         read the position before the commit (or the token) the caller must cover, so
-        a caller waits for it to end and then starts, or joins, the next one.
+        a caller waits for it to end and then starts, or joins, the next one. The query
+        runs in a task of its own: a caller that is cancelled takes nobody's answer
+        with it.
         """
         asked = self._started
         while (pending := self._refresh) is not None:
@@ -220,19 +222,18 @@ class PrimaryPosition:
                 return await asyncio.shield(pending)
             await asyncio.shield(pending)
         self._started += 1
-        pending = asyncio.get_running_loop().create_future()
-        self._refresh = pending
-        lsn: int | None = None
+        pending = self._refresh = asyncio.get_running_loop().create_task(self._read())
+        return await asyncio.shield(pending)
+
+    async def _read(self) -> int | None:
         try:
             lsn = int(await asyncio.wait_for(self._query(), self._timeout))
         except Exception:
             logger.debug("could not read the primary's WAL position", exc_info=True)
+            return None
         finally:
             self._refresh = None
-            if not pending.done():  # also when cancelled: never strand the waiters
-                pending.set_result(lsn)
-        if lsn is not None:
-            self.written = max(self.written, lsn)
+        self.written = max(self.written, lsn)
         return lsn
 
 

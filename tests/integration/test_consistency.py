@@ -394,3 +394,32 @@ async def test_a_position_read_before_a_commit_is_not_shared_after_it(notes: Loc
         first = await early
         assert first is not None and first < committed, "the early query read it before"
         assert late is not None and late >= committed
+
+
+async def test_a_cancelled_caller_takes_nobodys_position_with_it(notes: LocalCluster) -> None:
+    """The caller that starts the shared position query may be cancelled (its request
+    timed out, its client went away): the others waiting on that query still get the
+    position, not "cannot be read" (which drops a client's valid token, or leaves a
+    commit without its position)."""
+    slow = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint FROM pg_sleep(0.5)"
+    router = make_router(notes)
+    async with router:
+        position = PrimaryPosition(
+            probed=lambda: None,
+            query=lambda: query_value(router.primary, slow, 10.0),
+            timeout=10.0,
+            observe=lambda lsn: None,
+        )
+        first = asyncio.create_task(position.current())
+        await asyncio.sleep(0.1)  # its query runs: the next two wait for the one after it
+        starter = asyncio.create_task(position.current())
+        joiner = asyncio.create_task(position.current())
+        await first
+        deadline = time.monotonic() + 10
+        while position._started < 2:  # the starter started the second query
+            assert time.monotonic() < deadline, "no second query"
+            await asyncio.sleep(0.01)
+        starter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starter
+        assert await joiner is not None
