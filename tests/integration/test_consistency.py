@@ -366,25 +366,30 @@ async def test_only_committed_writes_set_a_position(notes: LocalCluster) -> None
         assert lsn <= (parse_lsn(current) or 0)
 
 
+def slow_position(router: ReplicaRouter, pause: float) -> PrimaryPosition:
+    """A position whose query reads the primary's position, then stays in flight for
+    ``pause`` seconds (``pg_sleep`` after the position in its select list)."""
+    slow = (
+        "SELECT l FROM (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+        f" AS l, pg_sleep({pause}) AS s) AS q"
+    )
+    return PrimaryPosition(
+        probed=lambda: None,
+        query=lambda: query_value(router.primary, slow, 10.0),
+        timeout=10.0,
+        observe=lambda lsn: None,
+    )
+
+
 async def test_a_position_read_before_a_commit_is_not_shared_after_it(notes: LocalCluster) -> None:
     """``PrimaryPosition.current`` shares one query among its callers (the position
     of a commit whose connection could not read it, a client's token checked against
     the primary). A query that was already running when a caller asked may have read
     the position before the commit (or the token) that caller must cover: sharing it
     would hand out a position that misses the write, and a later read could be stale."""
-    # The position first, then a pause: the query reads it, then stays in flight.
-    slow = (
-        "SELECT l FROM (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
-        " AS l, pg_sleep(1.0) AS s) AS q"
-    )
     router = make_router(notes)
     async with router:
-        position = PrimaryPosition(
-            probed=lambda: None,
-            query=lambda: query_value(router.primary, slow, 10.0),
-            timeout=10.0,
-            observe=lambda lsn: None,
-        )
+        position = slow_position(router, 1.0)
         early = asyncio.create_task(position.current())
         await asyncio.sleep(0.3)  # its query has read the position and sleeps
         notes.execute("primary", "INSERT INTO ryw_notes (body) VALUES ('after the read')")
@@ -401,15 +406,9 @@ async def test_a_cancelled_caller_takes_nobodys_position_with_it(notes: LocalClu
     timed out, its client went away): the others waiting on that query still get the
     position, not "cannot be read" (which drops a client's valid token, or leaves a
     commit without its position)."""
-    slow = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint FROM pg_sleep(0.5)"
     router = make_router(notes)
     async with router:
-        position = PrimaryPosition(
-            probed=lambda: None,
-            query=lambda: query_value(router.primary, slow, 10.0),
-            timeout=10.0,
-            observe=lambda lsn: None,
-        )
+        position = slow_position(router, 0.5)
         first = asyncio.create_task(position.current())
         await asyncio.sleep(0.1)  # its query runs: the next two wait for the one after it
         starter = asyncio.create_task(position.current())
