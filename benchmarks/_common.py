@@ -191,6 +191,22 @@ def http_get_json(url: str, timeout: float = 2.0) -> Any:
         return json.loads(response.read())
 
 
+def wait_ready(
+    base: str, proc: subprocess.Popen[bytes], seconds: float, *, poll_timeout: float = 1.0
+) -> bool:
+    """Until ``base/ready`` answers: True, or False once ``proc`` exited or ``seconds``
+    passed."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            http_get_json(base + "/ready", timeout=poll_timeout)
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
 def uvicorn_args(port: int) -> list[str]:
     """``-m uvicorn ...`` serving ``benchmarks.app`` on ``port`` as production does:
     uvloop and httptools, no access log."""
@@ -234,17 +250,9 @@ class AppServer:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited early; see {self._log.name}")
-            try:
-                http_get_json(self.base + "/ready", timeout=1.0)
-                break
-            except (OSError, urllib.error.URLError, ValueError):
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError(f"uvicorn did not start; see {self._log.name}") from None
-                time.sleep(0.1)
+        if not wait_ready(self.base, self.proc, 30):
+            self.close()
+            raise RuntimeError(f"uvicorn did not start; see {self._log.name}")
         if workers > 1:
             self._wait_for_workers(deadline)
 

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,13 @@ from ._common import (
     Table,
     free_port,
     get_db_env,
-    http_get_json,
     pool_env,
     router_env,
     run_load,
     spawn,
     terminate,
     uvicorn_args,
+    wait_ready,
 )
 
 VARIANTS = ("get_db", "router")
@@ -142,15 +141,9 @@ def _count(env: dict[str, str], case: _Case, seconds: float, warm: float) -> tup
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 180  # Python starts several times slower under valgrind
-            while True:
-                try:
-                    http_get_json(base + "/ready", timeout=5.0)
-                    break
-                except (OSError, urllib.error.URLError, ValueError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the app did not start under valgrind") from None
-                    time.sleep(0.5)
+            # Python starts several times slower under valgrind.
+            if not wait_ready(base, proc, 180, poll_timeout=5.0):
+                raise RuntimeError("the app did not start under valgrind")
             _load(base, case, warm)
             _control("-i", proc.pid, "on")
             _load(base, case, 1.0)  # the code is instrumented anew

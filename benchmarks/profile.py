@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ from ._common import (
     Table,
     free_port,
     get_db_env,
-    http_get_json,
     pool_env,
     router_env,
     run_load,
     spawn,
     terminate,
+    wait_ready,
 )
 
 VARIANTS = ("get_db", "router")
@@ -113,15 +112,8 @@ def _measure(env: dict[str, str], seconds: float) -> dict[str, float]:
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    http_get_json(base + "/ready", timeout=1.0)
-                    break
-                except (OSError, urllib.error.URLError, ValueError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the profiled app did not start") from None
-                    time.sleep(0.1)
+            if not wait_ready(base, proc, 30):
+                raise RuntimeError("the profiled app did not start")
             run_load(base, "/items/", 1.0)  # warm: pools filled, statements cached
             faults = _minor_faults(proc.pid)
             plain = run_load(base, "/items/", seconds)
