@@ -235,6 +235,18 @@ def _owned_and_private(path: Path) -> bool:
     )
 
 
+def content_key(binary: Path, *extra: str) -> str:
+    """A short name for what ``binary`` holds (and ``extra``), not for where it is: a
+    reinstall of the same release (a new virtual environment, a fresh clone) finds
+    the copy the last one made instead of leaving one more in the temporary
+    directory."""
+    digest = hashlib.sha256("\0".join(extra).encode())
+    with binary.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def reachable_cache(name: str, fill: Callable[[Path], None]) -> tuple[Path, bool]:
     """A directory every user can read, filled once by ``fill`` and kept for reuse.
 
@@ -309,10 +321,9 @@ def ensure_reachable(bin_dir: Path, run_as: RunAs) -> Path:
         return bin_dir
     prefix, libs = _install_tree(bin_dir)
     real_bin = bin_dir.resolve()
-    key = hashlib.sha256(
-        f"{real_bin}\0{(real_bin / 'postgres').stat().st_mtime_ns}".encode()
-    ).hexdigest()[:12]
     package = prefix.parent
+    layout = f"{package.name}/{prefix.name}/{real_bin.relative_to(prefix)}"
+    key = content_key(real_bin / "postgres", layout)
 
     def fill(staging: Path) -> None:
         shutil.copytree(prefix, staging / package.name / prefix.name, symlinks=True)

@@ -38,7 +38,7 @@ import sys
 import threading
 from pathlib import Path
 
-from replica_router.testing._binaries import reachable_cache
+from replica_router.testing._binaries import content_key, reachable_cache
 from replica_router.testing._patroni_tools import (
     ETCD_BIN_ENV,
     INSTALL_HINT,
@@ -274,8 +274,7 @@ def _cannot_run(launcher: Launcher, binary: Path) -> str | None:
 
 def _reachable_copy(binary: Path) -> Path:
     """A copy of one executable in a directory every user can read (made once)."""
-    info = binary.stat()
-    key = hashlib.sha256(f"{binary.resolve()}\0{info.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = content_key(binary)
 
     def fill(staging: Path) -> None:
         shutil.copy2(binary, staging / binary.name)

@@ -269,24 +269,34 @@ def test_system_binaries() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="copying for the server user happens as root")
-def test_unreachable_binaries_are_copied() -> None:
+def test_unreachable_binaries_are_copied_once_per_release() -> None:
+    """A root-only install tree is copied where the server user can run it; a second
+    install of the same release elsewhere (a new venv, a fresh clone: other paths, new
+    file times) reuses that copy instead of leaving another 40 MB in /tmp."""
     source = wheel_bin()
+    package = source.parent.parent
+    caches = Path(tempfile.gettempdir())
+    before = set(caches.glob("replica-router-pg-*"))
     private = Path(tempfile.mkdtemp(prefix="rr-private-"))  # 0700, root only
     try:
-        package = source.parent.parent
-        shutil.copytree(package / "pginstall", private / package.name / "pginstall")
-        for libs in package.parent.glob(f"{package.name}*.libs"):
-            shutil.copytree(libs, private / libs.name)
-        unreachable = private / package.name / "pginstall" / "bin"
+        installs = []
+        for name in ("first", "second"):
+            root = private / name
+            shutil.copytree(package / "pginstall", root / package.name / "pginstall")
+            for libs in package.parent.glob(f"{package.name}*.libs"):
+                shutil.copytree(libs, root / libs.name)
+            postgres = root / package.name / "pginstall" / "bin" / "postgres"
+            os.utime(postgres, ns=(time.time_ns(), time.time_ns()))  # as a reinstall
+            installs.append(postgres.parent)
         run_as = server_user()
         with pytest.raises(PostgresNotFoundError):
-            server_version(unreachable, run_as)
-        copied = ensure_reachable(unreachable, run_as)
-        try:
-            assert copied != unreachable
-            assert "PostgreSQL" in server_version(copied, run_as)
-            assert ensure_reachable(unreachable, run_as) == copied  # cached
-        finally:
-            shutil.rmtree(copied.parents[2])
+            server_version(installs[0], run_as)
+        copied = ensure_reachable(installs[0], run_as)
+        assert copied != installs[0]
+        assert "PostgreSQL" in server_version(copied, run_as)
+        assert ensure_reachable(installs[0], run_as) == copied  # cached
+        assert ensure_reachable(installs[1], run_as) == copied  # the same release
     finally:
         shutil.rmtree(private)
+        for made in set(caches.glob("replica-router-pg-*")) - before:
+            shutil.rmtree(made)  # only what this test made: a cluster may run from one
