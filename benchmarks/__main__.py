@@ -1,6 +1,6 @@
 """Run the benchmarks against a throwaway local cluster (a primary and two replicas).
 
-    python -m benchmarks                 # everything, about 12 minutes on 2 cores
+    python -m benchmarks                 # everything, about 30 minutes on 2 cores
     python -m benchmarks --quick         # a short run that proves the scripts work
     python -m benchmarks --only overhead --out /tmp/bench
 
@@ -45,7 +45,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (about two minutes)")
+    parser.add_argument("--quick", action="store_true", help="short runs (about four minutes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where tables and plots go")
     parser.add_argument(
         "--only", action="append", choices=BENCHMARKS, help="run only this one (repeatable)"
