@@ -8,6 +8,7 @@ etcd) is found by ``_patroni_install``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -84,6 +85,13 @@ class PatroniMember:
     def log_file(self) -> Path:
         """Patroni's log, with PostgreSQL's output."""
         return self.directory / "patroni.log"
+
+    def postmaster_pid(self) -> int | None:
+        """The pid in PostgreSQL's ``postmaster.pid``, or None without one."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def log_tail(self, lines: int = 30) -> str:
         """Return the last ``lines`` lines of the node's log."""
@@ -337,6 +345,38 @@ def http_request(
     except urllib.error.HTTPError as exc:
         with contextlib.closing(exc):
             return exc.code, exc.read().decode(errors="replace")
+
+
+def api_post(
+    member: PatroniMember, endpoint: str, payload: Mapping[str, object], timeout: float
+) -> str:
+    """POST ``payload`` to ``endpoint`` of a member's REST API; the answer's body.
+
+    Raises:
+        ClusterError: No answer, or an answer other than 200.
+    """
+    try:
+        status, body = http_request(f"{member.api_url}/{endpoint}", payload, timeout=timeout)
+    except OSError as exc:
+        msg = f"{endpoint}: {member.name}'s REST API did not answer: {exc}"
+        raise ClusterError(msg) from exc
+    if status != 200:
+        raise ClusterError(f"{endpoint} on {member.name} refused ({status}): {body.strip()}")
+    return body
+
+
+def forget_member(etcd_port: int, name: str) -> None:
+    """Delete a member's key in etcd (``/v3/kv/deleterange``).
+
+    Raises:
+        ClusterError: etcd refused.
+    """
+    key = base64.b64encode(f"{NAMESPACE}/{SCOPE}/members/{name}".encode()).decode()
+    url = f"http://127.0.0.1:{etcd_port}/v3/kv/deleterange"
+    status, body = http_request(url, {"key": key})
+    if status != 200:
+        msg = f"remove_member: etcd refused to delete {name}'s key ({status}): {body}"
+        raise ClusterError(msg)
 
 
 def terminate(process: subprocess.Popen[bytes], grace: float) -> None:

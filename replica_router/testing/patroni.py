@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import json
 import logging
@@ -58,12 +57,12 @@ from replica_router.testing._base import (
 from replica_router.testing._binaries import server_user
 from replica_router.testing._patroni_install import find_etcd, patroni_command
 from replica_router.testing._patroni_tools import (
-    NAMESPACE,
-    SCOPE,
     TTL,
     Launcher,
     PatroniMember,
     PatroniNotFoundError,
+    api_post,
+    forget_member,
     free_ports,
     http_request,
     kill_member,
@@ -413,15 +412,7 @@ class PatroniCluster:
         payload = {"leader": leader}
         if candidate is not None:
             payload["candidate"] = self.member(candidate).name
-        url = f"{self.member(leader).api_url}/switchover"
-        try:
-            status, body = http_request(url, payload, timeout=timeout)
-        except OSError as exc:
-            msg = f"switchover: {leader}'s REST API did not answer: {exc}"
-            raise ClusterError(msg) from exc
-        if status != 200:
-            msg = f"switchover from {leader} refused ({status}): {body.strip()}"
-            raise ClusterError(msg)
+        api_post(self.member(leader), "switchover", payload, timeout)
         new = self.wait_for_leader(timeout=timeout, exclude=leader)
         logger.info("switchover: %s -> %s", leader, new)
         return new
@@ -436,11 +427,12 @@ class PatroniCluster:
             ClusterError: No leader, or its postmaster is not running.
         """
         leader = self._leader_or_raise("kill_leader_postmaster")
+        pid = self.member(leader).postmaster_pid()
         try:
-            pid_file = self.member(leader).data_dir / "postmaster.pid"
-            pid = int(pid_file.read_text().splitlines()[0])
+            if pid is None:
+                raise FileNotFoundError("no readable postmaster.pid")
             os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError) as exc:
+        except OSError as exc:
             msg = f"kill_leader_postmaster: cannot kill {leader}'s postmaster: {exc}"
             raise ClusterError(msg) from exc
         logger.info("killed the postmaster of %s (pid %d)", leader, pid)
@@ -495,14 +487,7 @@ class PatroniCluster:
         member = self.member(name)
         stop_members([member], 30.0, self._sockets())
         self._members.remove(member)
-        # Its member key would expire only after the ttl: delete it now.
-        key = base64.b64encode(f"{NAMESPACE}/{SCOPE}/members/{name}".encode()).decode()
-        status, body = http_request(
-            f"http://127.0.0.1:{self._etcd_port}/v3/kv/deleterange", {"key": key}
-        )
-        if status != 200:
-            msg = f"remove_member: etcd refused to delete {name}'s key ({status}): {body}"
-            raise ClusterError(msg)
+        forget_member(self._etcd_port, name)  # its key would expire only after the ttl
 
         def gone() -> bool | None:
             listed = self.roles()
@@ -511,6 +496,25 @@ class PatroniCluster:
         self._poll(gone, timeout, f"{name} to leave the cluster")
         shutil.rmtree(member.directory, ignore_errors=True)
         logger.info("removed %s", name)
+
+    def reinitialize(self, name: str, *, timeout: float = 180.0) -> None:
+        """Copy a replica anew from the leader: Patroni's ``POST /reinitialize`` wipes its
+        data directory and takes a base backup. For a member that a failover left past
+        the fork of the new timeline, which waits for WAL that never comes.
+
+        Raises:
+            ClusterError: Patroni refused, or it did not stream again within ``timeout``.
+        """
+        member = self.member(name)
+        before = member.postmaster_pid()
+        api_post(member, "reinitialize", {"force": True}, 30.0)
+
+        def copied() -> bool | None:  # the old server streams until Patroni stops it
+            return member.postmaster_pid() not in (None, before) or None
+
+        self._poll(copied, timeout, f"{name} copied anew")
+        self._wait_joined(member, timeout)
+        logger.info("reinitialized %s", name)
 
     # -- internals ---------------------------------------------------------------------------
 

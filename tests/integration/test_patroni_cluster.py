@@ -170,6 +170,23 @@ def test_add_and_remove_member(cluster: PatroniCluster) -> None:
         time.sleep(0.1)
 
 
+def test_reinitialized_replica_is_copied_anew(cluster: PatroniCluster) -> None:
+    """What the suite's heal() does for a member stuck past a timeline's fork: its data
+    directory is taken anew from the leader, and it streams again."""
+    leader = cluster.wait_healthy()
+    name = sorted(others(cluster, leader))[0]
+    member = cluster.member(name)
+    marker = member.data_dir / "rr-before-reinitialize"
+    marker.touch()  # in no base backup: gone only if the directory was copied anew
+    before = member.postmaster_pid()
+    insert(cluster, leader, 4)
+    cluster.reinitialize(name)
+    assert not marker.exists()
+    assert member.postmaster_pid() not in (None, before)
+    assert name in cluster.streaming(leader)
+    wait_visible(cluster, name, 4)
+
+
 def test_synchronous_mode_and_clean_stop() -> None:
     with started(PatroniCluster(size=2, synchronous_mode=True, database="postgres")) as small:
         base = small.base_dir

@@ -2,9 +2,7 @@
 
 import asyncio
 import contextlib
-import json
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 
@@ -165,13 +163,8 @@ def heal(cluster: PatroniCluster) -> None:
         streaming = cluster.streaming(leader) if leader is not None else set()
     for member in cluster.members:
         if member.name not in streaming | {leader} and cluster.is_running(member.name):
-            request = urllib.request.Request(
-                f"{member.api_url}/reinitialize",
-                data=json.dumps({"force": True}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=30):
-                pass  # the wait below says what is still wrong
+            with contextlib.suppress(ClusterError):  # the wait below says what is wrong
+                cluster.reinitialize(member.name)
     cluster.wait_healthy(180.0)
 
 
