@@ -428,9 +428,10 @@ class PatroniCluster:
         """
         leader = self._leader_or_raise("kill_leader_postmaster")
         pid = self.member(leader).postmaster_pid()
+        if pid is None:
+            msg = f"kill_leader_postmaster: {leader} has no readable postmaster.pid"
+            raise ClusterError(msg)
         try:
-            if pid is None:
-                raise FileNotFoundError("no readable postmaster.pid")
             os.kill(pid, signal.SIGKILL)
         except OSError as exc:
             msg = f"kill_leader_postmaster: cannot kill {leader}'s postmaster: {exc}"
