@@ -135,10 +135,14 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
         rps, p50 = (_median(v) for v in ratios[(case, "router")])
         c_rps, c_p50 = (_median(v) for v in ratios[(case, "get_db (control)")])
         ok = rps >= 0.98 and p50 <= 1.02
+        # get_db against itself: a gap past the goal's 2% is the machine, not the code.
+        noisy = not (0.98 <= c_rps <= 1.02 and 0.98 <= c_p50 <= 1.02)
         table.notes.append(
             f"Read overhead goal, {case} (router within 2% of get_db in req/s and p50), "
-            f"paired: {'met' if ok else 'NOT met'}: req/s {rps:.3f}x, p50 {p50:.3f}x; the "
-            f"control get_db: req/s {c_rps:.3f}x, p50 {c_p50:.3f}x."
+            f"paired: {'met' if ok else 'NOT met'}"
+            f"{' (not settled: the control is off by more than 2%)' if noisy else ''}: "
+            f"req/s {rps:.3f}x, p50 {p50:.3f}x; the control get_db: req/s {c_rps:.3f}x, "
+            f"p50 {c_p50:.3f}x."
         )
     table.notes.append(
         "req/s: median over a variant's slices; p50, p99, max over all its requests; "
