@@ -487,6 +487,11 @@ def interrupt_guard() -> Iterator[None]:
 # -- environments of the app variants ---------------------------------------------------
 
 
+def read_goal_met(rps: float, p50: float) -> bool:
+    """The read overhead goal: router / get_db req/s at least 0.98, p50 at most 1.02."""
+    return rps >= 0.98 and p50 <= 1.02
+
+
 def get_db_env(read_url: str, write_url: str) -> dict[str, str]:
     return {"BENCH_VARIANT": "get_db", "BENCH_READ_URL": read_url, "BENCH_WRITE_URL": write_url}
 

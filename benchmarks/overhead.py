@@ -38,6 +38,7 @@ from ._common import (
     pool_env,
     postgres_pids,
     ratio,
+    read_goal_met,
     router_env,
     run_load,
     spread,
@@ -161,8 +162,8 @@ def _verdicts(results: dict[tuple[str, str, str], list[LoadResult]]) -> list[str
         )
         rps_rounds = [ra.rps / rb.rps for ra, rb in pairs]
         p50_rounds = [ra.p50_ms / rb.p50_ms for ra, rb in pairs]
-        ok = rps >= 0.98 and p50 <= 1.02
-        passed = [x >= 0.98 and y <= 1.02 for x, y in zip(rps_rounds, p50_rounds, strict=True)]
+        ok = read_goal_met(rps, p50)
+        passed = [read_goal_met(x, y) for x, y in zip(rps_rounds, p50_rounds, strict=True)]
         # A verdict of medians is a coin flip when single rounds land on both sides.
         unsettled = len(set(passed)) > 1
         notes.append(
