@@ -11,7 +11,6 @@ reads from writes: callers pick the node and the sessionmaker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
@@ -42,7 +41,7 @@ from ._retry import (
     NODE_DOWN,
     ErrorKind,
     classify,
-    fired_on_blocked_loop,
+    fired_late,
     is_connection_error,
     refusal,
 )
@@ -149,7 +148,8 @@ class Checkout:
         session = maker()
         started = time.perf_counter()
         decision = "replica"
-        deadline: float | None = None
+        bound: float | None = None
+        begun = 0.0
         blocked = False
         held: HandOffQueue[Any] | None = None
         try:
@@ -175,7 +175,7 @@ class Checkout:
                     decision = await prove(node, conn)
                 else:
                     bound = self.begin_bound(node)
-                    deadline = asyncio.get_running_loop().time() + bound
+                    begun = time.perf_counter()
                     await node.driver.begin(raw, bound)
                 if (
                     node.role is Role.REPLICA
@@ -187,9 +187,7 @@ class Checkout:
             except BaseException as exc:
                 # Judged now, before the awaits below add their own delay.
                 blocked = (
-                    deadline is not None
-                    and isinstance(exc, TimeoutError)
-                    and fired_on_blocked_loop(deadline)
+                    bound is not None and isinstance(exc, TimeoutError) and fired_late(begun, bound)
                 )
                 await _invalidate(node, sync, raw, exc)
                 raise
@@ -428,7 +426,7 @@ def _checkout_without_io(node: Node, session: Session) -> bool | HandOffQueue[An
     engine's ``engine_connect`` or ``begin``, the session's ``after_begin``). The
     pool's queue instead when every connection is out: a returned one can be waited
     for outside the greenlet (:func:`_take_turn`)."""
-    if not node.driver.checkout_without_io or session.in_transaction():
+    if not node.driver.checkout_without_io:  # the session is new: not in a transaction
         return False
     bind = session.bind
     pool = getattr(bind, "pool", None)
@@ -470,19 +468,22 @@ async def _take_turn(queue: HandOffQueue[Any], node: Node) -> None:
 
 def _sole_connection(transaction: SessionTransaction) -> tuple[Any, HandOffQueue[Any]] | None:
     """The pooled connection of a session transaction whose close needs no I/O once
-    its rollback was sent, and its pool's queue (to ask again after the rollback, when
-    other sessions may have filled it); or None."""
+    its rollback was sent, if its pool keeps it then (asked after the rollback: other
+    sessions may fill the pool meanwhile), and that pool's queue; or None."""
     connections = getattr(transaction, "_connections", None)
-    if transaction.nested or transaction.parent is not None or not connections:
+    # One connection is two entries, keyed by its engine and by itself.
+    if transaction.nested or transaction.parent is not None or connections is None:
         return None
-    entries = set(connections.values())  # keyed by the engine and by the connection
-    if len(entries) != 1:
+    if len(connections) != 2:
         return None
-    conn, _, _, autoclose = entries.pop()
+    first, second = connections.values()
+    if first is not second:
+        return None
+    conn, _, _, autoclose = first
     if not autoclose or conn.closed or conn.invalidated or conn.in_nested_transaction():
         return None
     queue = getattr(conn.engine.pool, "_pool", None)
-    if not isinstance(queue, HandOffQueue) or not queue.takes_without_closing():
+    if not isinstance(queue, HandOffQueue):
         return None
     return conn.connection, queue
 

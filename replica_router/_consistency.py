@@ -317,7 +317,6 @@ class ReadYourWritesMiddleware:
             router._check_overrides(overrides)
         state = ConsistencyState(client_lsn=self._client_lsn(scope) if self._positions else 0)
         reset = _STATE.set(state)
-        secure = scope.get("scheme") == "https"
         held: Message | None = None
 
         async def send_with_position(message: Message) -> None:
@@ -326,7 +325,7 @@ class ReadYourWritesMiddleware:
                 if state.own_lsn:
                     token = self._router.codec.encode(state.own_lsn)
                     cookie = f"{self._cookie}={token}{self._cookie_suffix}"
-                    if secure:
+                    if scope.get("scheme") == "https":
                         cookie += "; Secure"
                     message = dict(message)
                     message["headers"] = [
@@ -357,9 +356,14 @@ class ReadYourWritesMiddleware:
             _STATE.reset(reset)
 
     def _client_lsn(self, scope: Scope) -> int:
+        headers = scope.get("headers", ())
+        # Most requests carry neither: one pass in C tells (a dict of the headers).
+        names = dict(headers)
+        if self._header not in names and b"cookie" not in names:
+            return 0
         best = 0
         rejected = False
-        for name, value in scope.get("headers", ()):
+        for name, value in headers:
             if name == self._header:
                 claimed = self._router.codec.decode(value.decode("latin-1"))
             elif name == b"cookie":

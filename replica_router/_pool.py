@@ -84,7 +84,10 @@ class HandOffQueue(_sa_queue.QueueCommon[T]):
 
     def takes_without_closing(self) -> bool:
         """Whether an entry put now is kept or handed on (a full pool closes it)."""
-        return bool(self._waiters) or not 0 < self.maxsize <= len(self._items)
+        if self._waiters:
+            return True
+        maxsize = self.maxsize
+        return maxsize <= 0 or len(self._items) < maxsize
 
     def peek(self) -> T | None:
         """The entry ``get`` would return now without waiting, left in place."""

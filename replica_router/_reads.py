@@ -193,6 +193,10 @@ class Reads:
         state = current_state() if token is None else self.state_for(token, policy)
         return ReaderScope(self, [], policy, state)
 
+    def default_scope(self) -> ReaderScope:
+        """``scope(None, None, None)``: a read of the default policy."""
+        return ReaderScope(self, [], self.default_policy, current_state())
+
     def session(
         self, tried: list[Node], policy: ReadPolicy, state: ConsistencyState | None
     ) -> ReaderScope:
@@ -449,7 +453,10 @@ class ReaderScope(AbstractAsyncContextManager[AsyncSession]):
         policy: ReadPolicy,
         state: ConsistencyState | None,
     ) -> None:
-        self._reads, self._tried, self._policy, self._state = reads, tried, policy, state
+        self._reads = reads
+        self._tried = tried
+        self._policy = policy
+        self._state = state
 
     async def __aenter__(self) -> AsyncSession:
         reads = self._reads

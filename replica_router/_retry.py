@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 
 from ._drivers import DRIVERS
 from ._exceptions import ReplicaPromotedError
@@ -46,6 +47,7 @@ __all__ = [
     "NODE_DOWN",
     "ErrorKind",
     "classify",
+    "fired_late",
     "fired_on_blocked_loop",
     "is_connection_error",
     "never_sent",
@@ -113,6 +115,12 @@ def fired_on_blocked_loop(deadline: float) -> bool:
     the loop, not the server.
     """
     return asyncio.get_running_loop().time() - deadline > _LOOP_BLOCKED
+
+
+def fired_late(started: float, seconds: float) -> bool:
+    """:func:`fired_on_blocked_loop` for a bound of ``seconds`` that started at
+    ``started`` (``time.perf_counter()``)."""
+    return time.perf_counter() - started - seconds > _LOOP_BLOCKED
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -93,8 +93,7 @@ class ReplicaRouter:
             on_primary_demoted=lambda why: self._writes.primary_demoted(why),
         )
         self._checkout = Checkout(s, self._health.node_down)
-        secret = s.lsn_secret
-        self._codec = TokenCodec(secret.get_secret_value().encode() if secret else None)
+        self._codec = TokenCodec(s.lsn_secret.get_secret_value().encode() if s.lsn_secret else None)
         position = PrimaryPosition(
             probed=lambda: self._health.primary_lsn,
             query=lambda: query_value(self.primary, WAL_INSERT_LSN_SQL, s.connect_timeout),
@@ -117,7 +116,7 @@ class ReplicaRouter:
         self._lifecycle = Lifecycle()
         self._reader_dependencies: dict[tuple[Any, Any], _fastapi.ReaderDependency] = {}
         self.writer, self.reader = _fastapi.make_dependencies(
-            self.writer_session, self.reader_session
+            self.writer_session, self._default_reader_session
         )
 
     @classmethod
@@ -249,6 +248,10 @@ class ReplicaRouter:
         """
         self._lifecycle.session_opened()
         return self._reads.scope(consistency_token, read_your_writes, max_lag_seconds)
+
+    def _default_reader_session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        self._lifecycle.session_opened()  # reader_session(), for router.reader: no keywords
+        return self._reads.default_scope()
 
     def reader_with(
         self,
