@@ -25,7 +25,7 @@ from typing import Any
 
 from ._drivers import ProbeConnection
 from ._nodes import Node, Role, Topology
-from ._retry import fired_on_blocked_loop
+from ._retry import fired_late
 from ._settings import RouterSettings
 
 __all__ = ["HealthChecker", "ProbeResult", "describe", "update_eligibility"]
@@ -294,7 +294,7 @@ class HealthChecker:
         state = node.state
         generation = state.generation
         timeout = self._settings.health_timeout
-        deadline = asyncio.get_running_loop().time() + timeout
+        started = time.perf_counter()
         try:
             result = await asyncio.wait_for(self._query(node), timeout)
         except asyncio.CancelledError:
@@ -304,7 +304,7 @@ class HealthChecker:
             if (
                 isinstance(exc, TimeoutError)
                 and node not in self._stalled
-                and fired_on_blocked_loop(deadline)
+                and fired_late(started, timeout)
             ):
                 # The loop was blocked past the bound: the next probe decides. Only
                 # once in a row, so a loop that is always late cannot hide a dead node.

@@ -25,7 +25,7 @@ TIMEOUT                     client-side, out   a reader ejects the replica (it m
                             of a checkout      run_read re-runs elsewhere; never retried on
                                                the writer (during COMMIT: outcome unknown)
 (a blocked event loop)      a checkout's bound not the node's fault: retried, nobody is
-                            fired > 0.1 s late marked down (``fired_on_blocked_loop``)
+                            fired > 0.1 s late marked down (``fired_late``)
 OTHER                       anything else      never retried
 ==========================  =================  ============================================
 
@@ -35,7 +35,6 @@ Nothing is ever re-run once a user's code has started, except by the explicit
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 
@@ -48,7 +47,6 @@ __all__ = [
     "ErrorKind",
     "classify",
     "fired_late",
-    "fired_on_blocked_loop",
     "is_connection_error",
     "never_sent",
     "refusal",
@@ -106,20 +104,15 @@ EJECTS_REPLICA = NODE_DOWN | {ErrorKind.TIMEOUT}
 _LOOP_BLOCKED = 0.1
 
 
-def fired_on_blocked_loop(deadline: float) -> bool:
-    """Whether a timeout due at ``deadline`` (loop time) fired on a blocked event loop.
+def fired_late(started: float, seconds: float) -> bool:
+    """Whether a timeout of ``seconds`` that started at ``started``
+    (``time.perf_counter()``) fired on a blocked event loop.
 
     A CPU-bound or synchronous call stalls every task; a timer then fires late. An
     ``asyncio.timeout`` that does cancels its task even when the loop has just read the
     answer (the task's wake-up runs after the overdue timer). Such a timeout measured
     the loop, not the server.
     """
-    return asyncio.get_running_loop().time() - deadline > _LOOP_BLOCKED
-
-
-def fired_late(started: float, seconds: float) -> bool:
-    """:func:`fired_on_blocked_loop` for a bound of ``seconds`` that started at
-    ``started`` (``time.perf_counter()``)."""
     return time.perf_counter() - started - seconds > _LOOP_BLOCKED
 
 
