@@ -12,7 +12,10 @@ router node's):
 - *contended*: pool 10 + overflow 0, so 6 requests always wait: whether waiters are
   served first come, first served shows in the tail (max, timeouts); reads.
 
-Variants are interleaved get_db, router in each round, each in a fresh uvicorn process.
+Variants are interleaved in each round, each in a fresh uvicorn process, in an order that
+alternates (get_db first in even rounds, router first in odd ones) over an even number
+of rounds: whatever drifts on a shared machine during a round (another tenant, the
+servers' caches) lands on both variants alike.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ COLORS = {"get_db": "tab:blue", "router": "tab:orange"}
 
 
 def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 4
     read_s, write_s, warm_s = (1.5, 1.0, 0.5) if quick else (10, 5, 2)
     replica = cluster.replica_urls[0]
     results: dict[tuple[str, str, str], list[LoadResult]] = {
@@ -62,10 +65,10 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
     app_cpu: dict[tuple[str, str, str], list[float]] = {k: [] for k in results}
     pg_cpu: dict[tuple[str, str, str], list[float]] = {k: [] for k in results}
     logs = log_dir(out_dir)
-    for _ in range(rounds):
+    for number in range(rounds):
         for case, (size, overflow) in CASES.items():
             paths = [p for c, p in ROWS if c == case]
-            for variant in VARIANTS:
+            for variant in VARIANTS if number % 2 == 0 else VARIANTS[::-1]:
                 env = (
                     get_db_env(replica, cluster.primary_url)
                     if variant == "get_db"
@@ -89,7 +92,8 @@ def run(cluster: Any, out_dir: Path, quick: bool) -> Table:
         name="overhead",
         title=(
             f"Overhead: get_db vs router on one replica (reads) / the primary (writes), "
-            f"1 uvicorn worker, {CONCURRENCY} connections, {rounds} round(s) interleaved"
+            f"1 uvicorn worker, {CONCURRENCY} connections, {rounds} round(s) interleaved, "
+            "order alternated"
         ),
         columns=[
             "case (pool + overflow)",

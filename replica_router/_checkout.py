@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -243,7 +244,11 @@ class Checkout:
         cap = self._settings.connect_timeout
         if latency is None:
             return cap
-        return min(cap, max(_BEGIN_FLOOR, _BEGIN_FACTOR * latency))
+        bound = _BEGIN_FACTOR * latency
+        # Whole hundredths above the floor: a few distinct bounds, each one asyncpg
+        # configuration the driver keeps (see ``AsyncpgDriver.begin``).
+        bound = math.ceil(bound * 100.0) / 100.0 if bound > _BEGIN_FLOOR else _BEGIN_FLOOR
+        return min(cap, bound)
 
     @staticmethod
     async def release(node: Node, session: AsyncSession) -> None:

@@ -321,6 +321,9 @@ class ReadYourWritesMiddleware:
 
         async def send_with_position(message: Message) -> None:
             nonlocal held
+            if not (state.own_lsn or state.writer_closed or held is not None):
+                await send(message)  # nothing written in this request: as it is
+                return
             if message["type"] == "http.response.start":
                 if state.own_lsn:
                     token = self._router.codec.encode(state.own_lsn)
