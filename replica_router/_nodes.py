@@ -112,8 +112,7 @@ class NodeState:
         """One checkout (connection proven, transaction begun): histogram and average."""
         self.checkout_counts[bisect.bisect_left(CHECKOUT_BUCKETS, seconds)] += 1
         self.checkout_seconds += seconds
-        latency = self.latency  # observe_latency's, inline: once per read
-        self.latency = seconds if latency is None else 0.8 * latency + 0.2 * seconds
+        self.observe_latency(seconds)
 
     def observe_latency(self, seconds: float) -> None:
         """Fold one checkout round trip into the moving average."""

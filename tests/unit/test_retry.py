@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import asyncpg
 import pytest
 from sqlalchemy.exc import DBAPIError
 
-from replica_router import ErrorKind, RouterSettings
-from replica_router._checkout import Checkout
+from replica_router import ErrorKind
 from replica_router._retry import NODE_DOWN, classify
 
 
@@ -71,20 +68,3 @@ def test_cause_chain_is_followed() -> None:
             raise RuntimeError("wrapper") from inner
     except RuntimeError as outer:
         assert classify(outer) is ErrorKind.CONNECTION
-
-
-@pytest.mark.parametrize(
-    ("latency", "bound"),
-    [
-        (None, 5.0),  # not measured yet: the connect timeout
-        (0.001, 0.25),  # a quick node: the floor
-        (0.0201, 0.41),  # 20x its latency, rounded up to whole hundredths
-        (0.03, 0.6),
-        (1.0, 5.0),  # never past the connect timeout
-    ],
-)
-def test_the_begin_bound(latency: float | None, bound: float) -> None:
-    # Few distinct bounds: the asyncpg driver keeps one configuration per bound.
-    checkout = Checkout(RouterSettings.defaults(connect_timeout=5.0), lambda node: None)
-    node = SimpleNamespace(state=SimpleNamespace(latency=latency))
-    assert checkout.begin_bound(node) == pytest.approx(bound)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ from replica_router import (
     RouterSettings,
     Weighted,
 )
+from replica_router._checkout import Checkout
 from replica_router._health import _PrimaryHistory, update_eligibility
 from replica_router._nodes import Node
 
@@ -111,3 +112,21 @@ def test_fallback_rules(fallback: bool) -> None:
     else:
         with pytest.raises(NoHealthyReplicaError, match="fallback to the primary is off"):
             router._reads.pick([], None, 0)[0]
+
+
+@pytest.mark.parametrize(
+    ("latency", "bound"),
+    [
+        (None, 5.0),  # not measured yet: the connect timeout
+        (0.001, 0.25),  # a quick node: the floor
+        (0.0201, 0.41),  # 20x its latency, rounded up to whole hundredths
+        (0.03, 0.6),
+        (1.0, 5.0),  # never past the connect timeout
+    ],
+)
+def test_the_begin_bound(latency: float | None, bound: float) -> None:
+    # Few distinct bounds: the asyncpg driver keeps one configuration per bound.
+    settings = RouterSettings.defaults(connect_timeout=5.0)
+    _, (node,) = nodes(1, connect_timeout=5.0)
+    node.state.latency = latency
+    assert Checkout(settings, lambda node: None).begin_bound(node) == pytest.approx(bound)
